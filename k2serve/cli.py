@@ -1,0 +1,84 @@
+"""The ``k2serve`` command: one console script, one subcommand per program.
+
+Each subcommand module is imported only when it runs, so ``k2serve --help`` (and, later, the
+router) never imports torch. Environment variables with the ``K2SERVE_`` prefix are read here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from k2serve.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.out, preset=args.preset, seed=args.seed, force=args.force)
+    print(f"wrote {args.preset} model to {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from k2serve.generate import run_generate
+
+    return run_generate(args)
+
+
+def _add_make_tiny_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="write a random model of the Kimi K2 architecture in the real checkpoint format",
+        description="Writes config.json, INT4 pack-quantized routed experts and bf16 weights in sharded "
+        "safetensors with an index, generation_config.json, tiktoken.model, tokenizer_config.json and "
+        "chat_template.jinja.",
+    )
+    p.add_argument("out", help="output folder")
+    p.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.set_defaults(func=_make_tiny_model)
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("generate", help="single-process greedy generation (the smallest end-to-end demo)")
+    p.add_argument("model", help="model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--prompt", required=True, help="user message, rendered with the chat template")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument("--raw", action="store_true", help="feed --prompt verbatim, without the chat template")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
+    p.set_defaults(func=_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k2serve", description="Serve Kimi K2 Thinking.")
+    parser.add_argument("--log-level", default=os.environ.get("K2SERVE_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_make_tiny_model(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    func: Command = args.func
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        # Typed errors (ConfigError, CheckpointError, ...) are user errors: one clear line, exit 2.
+        print(f"k2serve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Load-generation clients: the sweep benchmark and locust files (arrive with the operations issue)."""

@@ -1,0 +1,1 @@
+"""The contracts between processes (protobuf + gRPC); generated code is committed beside the .proto."""

@@ -1,0 +1,1 @@
+"""The front door: tokenizer, chat template, parsers, policies and servers. No torch here."""
