@@ -166,7 +166,7 @@ class QuantizationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` block exactly as Kimi K2 Thinking's config.json writes it."""
-        weights = {
+        weights: dict[str, Any] = {
             "actorder": None,
             "block_structure": None,
             "dynamic": False,
