@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         # Typed errors (ConfigError, CheckpointError, ...) are user errors: one clear line, exit 2.
         print(f"k2serve {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ def make_tiny_model(out: str | Path, *, preset: str = "tiny", seed: int = 0, for
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _write_model(staging, config, preset=preset, seed=seed)
+        staging.chmod(0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -75,8 +75,16 @@ _DELETE = object()
         ("moe_intermediate_size", 2050, "moe_intermediate_size"),
         ("quantization_config.quant_method", "fp8", "quantization_config.quant_method"),
         ("quantization_config.format", "naive-quantized", "quantization_config.format"),
-        ("quantization_config.config_groups.group_0.weights.num_bits", 8, "quantization_config.config_groups.group_0.weights.num_bits"),
-        ("quantization_config.config_groups.group_0.weights.symmetric", False, "quantization_config.config_groups.group_0.weights.symmetric"),
+        (
+            "quantization_config.config_groups.group_0.weights.num_bits",
+            8,
+            "quantization_config.config_groups.group_0.weights.num_bits",
+        ),
+        (
+            "quantization_config.config_groups.group_0.weights.symmetric",
+            False,
+            "quantization_config.config_groups.group_0.weights.symmetric",
+        ),
         ("topk_method", "greedy", "topk_method"),
         ("scoring_func", "softmax", "scoring_func"),
         ("hidden_act", "gelu", "hidden_act"),

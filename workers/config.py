@@ -127,7 +127,7 @@ class QuantizationConfig:
         groups = raw.get("config_groups")
         if not isinstance(groups, Mapping) or len(groups) != 1:
             raise ConfigError("quantization_config.config_groups", "expected exactly one config group")
-        (group_name, group), = groups.items()
+        ((group_name, group),) = groups.items()
         prefix = f"quantization_config.config_groups.{group_name}"
         if group.get("input_activations") is not None or group.get("output_activations") is not None:
             raise ConfigError(f"{prefix}.input_activations", "activation quantization is not supported (W4A16 only)")
@@ -178,7 +178,12 @@ class QuantizationConfig:
             "symmetric": self.symmetric,
             "type": "int",
         }
-        group = {"input_activations": None, "output_activations": None, "targets": list(self.targets), "weights": weights}
+        group = {
+            "input_activations": None,
+            "output_activations": None,
+            "targets": list(self.targets),
+            "weights": weights,
+        }
         return {
             "config_groups": {"group_0": group},
             "format": self.format,
@@ -373,7 +378,9 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ConfigError("qk_rope_head_dim", f"must be even (rotary pairs), got {self.qk_rope_head_dim}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ConfigError("first_k_dense_replace", f"must be in [0, num_hidden_layers], got {self.first_k_dense_replace}")
+            raise ConfigError(
+                "first_k_dense_replace", f"must be in [0, num_hidden_layers], got {self.first_k_dense_replace}"
+            )
         if self.hidden_act != "silu":
             raise ConfigError("hidden_act", f"unsupported {self.hidden_act!r}; only 'silu'")
         if self.topk_method != "noaux_tc":
@@ -382,7 +389,9 @@ class ModelConfig:
             raise ConfigError("scoring_func", f"unsupported {self.scoring_func!r}; only 'sigmoid'")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group:
-                raise ConfigError("n_group", f"n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}")
+                raise ConfigError(
+                    "n_group", f"n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}"
+                )
             if self.topk_group > self.n_group:
                 raise ConfigError("topk_group", f"{self.topk_group} exceeds n_group {self.n_group}")
             per_group = self.n_routed_experts // self.n_group
@@ -414,7 +423,8 @@ class ModelConfig:
                 raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by quantization group_size {gs}")
             if self.moe_intermediate_size % gs:
                 raise ConfigError(
-                    "moe_intermediate_size", f"{self.moe_intermediate_size} is not divisible by quantization group_size {gs}"
+                    "moe_intermediate_size",
+                    f"{self.moe_intermediate_size} is not divisible by quantization group_size {gs}",
                 )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""Test helpers for the model: random weights in the real format, the Hugging Face twin, batched greedy.
+
+Lifecycle: imported by the model tests only. ``random_state_dict(config, seed)`` writes a random
+checkpoint in Kimi K2's layout and loads it back, so every model test runs on weights that went
+through INT4 packing and the safetensors loader.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from k2serve.workers.checkpoint_writer import write_random_checkpoint
+from k2serve.workers.config import ModelConfig
+from k2serve.workers.model.forward_batch import contiguous_block_tables, make_forward_batch
+from k2serve.workers.model.kv_cache import allocate_kv_cache
+from k2serve.workers.model.model import KimiK2ForCausalLM
+from k2serve.workers.weights import load_weights
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run tiny-model tests on one intra-op thread: their ops are far too small to gain from more,
+    and on a shared 2-core machine spinning OpenMP workers make them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def random_state_dict(
+    config: ModelConfig, seed: int, *, expert_ids: Sequence[int] | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random weights through the real format: ``write_random_checkpoint`` (INT4 pack-quantized
+    experts, bf16 rest, fp32 non-zero gate bias) then ``load_weights`` (experts dequantized).
+
+    The names are the model contract, which transformers 5.x ``DeepseekV3ForCausalLM`` shares, so
+    the same dict loads strictly into both models. A subset of ``expert_ids`` holds exactly the
+    rows of the full dict.
+    """
+    with tempfile.TemporaryDirectory(prefix="k2-weights-") as folder:
+        write_random_checkpoint(config, folder, seed=seed)
+        return load_weights(folder, config, dtype=dtype, expert_ids=expert_ids, progress=False)
+
+
+def build_model(
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype = torch.float32,
+    expert_ids: Sequence[int] | None = None,
+    max_positions: int = 4096,
+) -> KimiK2ForCausalLM:
+    model = KimiK2ForCausalLM(config, expert_ids=expert_ids, dtype=dtype, device="cpu", max_positions=max_positions)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def hf_config(config: ModelConfig, **overrides: Any) -> Any:
+    """The transformers ``DeepseekV3Config`` of ``config``: yarn ``rope_scaling`` + ``rope_theta`` folded
+    into ``rope_parameters``, interleaved rope, no MTP layer, eager attention and experts, no EOS
+    (so ``generate`` always produces the requested number of tokens)."""
+    from transformers import DeepseekV3Config
+
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": config.rope_theta,
+            "factor": s.factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+            "beta_fast": s.beta_fast,
+            "beta_slow": s.beta_slow,
+            "mscale": s.mscale,
+            "mscale_all_dim": s.mscale_all_dim,
+        }
+    kwargs: dict[str, Any] = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "moe_intermediate_size": config.moe_intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_attention_heads,
+        "n_shared_experts": config.n_shared_experts,
+        "n_routed_experts": config.n_routed_experts,
+        "routed_scaling_factor": config.routed_scaling_factor,
+        "kv_lora_rank": config.kv_lora_rank,
+        "q_lora_rank": config.q_lora_rank,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
+        "qk_nope_head_dim": config.qk_nope_head_dim,
+        "v_head_dim": config.v_head_dim,
+        "n_group": config.n_group,
+        "topk_group": config.topk_group,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "first_k_dense_replace": config.first_k_dense_replace,
+        "norm_topk_prob": config.norm_topk_prob,
+        "hidden_act": config.hidden_act,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope,
+        "rope_interleave": True,
+        "num_mtp_layers": 0,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": None,
+        "pad_token_id": config.pad_token_id,
+        "attn_implementation": "eager",
+        "experts_implementation": "eager",
+    }
+    kwargs.update(overrides)
+    return DeepseekV3Config(**kwargs)
+
+
+def build_hf_model(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Any:
+    from transformers import DeepseekV3ForCausalLM
+
+    assert config.moe_layer_freq == 1, "HF makes every layer >= first_k_dense_replace MoE"
+    model = DeepseekV3ForCausalLM(hf_config(config))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def batched_greedy(
+    model: KimiK2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    num_new_tokens: int,
+    *,
+    block_size: int = 4,
+    block_tables: Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
+    """Prefill all prompts as one batch, then decode all sequences together one token per step."""
+    capacities = [len(p) + num_new_tokens for p in prompts]
+    tables = (
+        [list(t) for t in block_tables] if block_tables is not None else contiguous_block_tables(capacities, block_size)
+    )
+    num_blocks = max(max(t) for t in tables) + 1
+    cache = allocate_kv_cache(model.config, num_blocks, block_size, model.dtype, model.device)
+    batch = make_forward_batch(prompts, block_size=block_size, block_tables=tables, logits="last", device=model.device)
+    generated = [[t] for t in model(batch, cache).argmax(-1).tolist()]
+    for step in range(num_new_tokens - 1):
+        batch = make_forward_batch(
+            [[g[-1]] for g in generated],
+            block_size=block_size,
+            context_lens=[len(p) + step for p in prompts],
+            block_tables=tables,
+            logits="last",
+            device=model.device,
+        )
+        for g, t in zip(generated, model(batch, cache).argmax(-1).tolist(), strict=True):
+            g.append(t)
+    return generated

@@ -1,0 +1,87 @@
+"""The routed experts this rank holds for one MoE layer, stacked, and their grouped computation.
+
+Lifecycle: built once per MoE layer with the logical expert ids this rank owns (``expert_ids``, in
+local index order); ``load_state_dict`` fills the stacks under the names
+``mlp.experts.gate_up_proj`` [E_local, 2I, H] (rows 0..I-1 gate_proj, I..2I-1 up_proj) and
+``mlp.experts.down_proj`` [E_local, H, I], already dequantized to the model dtype by the loader.
+The logical -> local index table is a non-persistent buffer (not in the state dict).
+
+Compute: the token-expert assignments are sorted by local expert once, then the loop runs over
+the experts that received tokens, one pair of GEMMs per expert on all of its tokens (never a loop
+over tokens). Sorting needs the per-expert counts on the host: one device sync per MoE layer,
+the price of plain torch; a grouped-GEMM kernel removes it later. Weighted expert outputs are
+accumulated in fp32 and cast to the model dtype once.
+
+Legend: T = tokens, K = experts per token, H = hidden_size, I = moe_intermediate_size,
+E = n_routed_experts (logical), E_local = experts held here, A = assignments to local experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2serve.workers.config import ModelConfig
+
+
+class LocalExperts(nn.Module):
+    logical_to_local: torch.Tensor  # [E] int64, non-persistent
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        expert_ids: Sequence[int],
+        *,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        ids = tuple(int(e) for e in expert_ids)
+        if len(set(ids)) != len(ids) or any(not 0 <= e < config.n_routed_experts for e in ids):
+            raise ValueError(f"expert_ids must be distinct ids in [0, {config.n_routed_experts}), got {list(ids)}")
+        self.expert_ids = ids
+        self.intermediate_size = config.moe_intermediate_size
+        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden, device=device, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(len(ids), hidden, inter, device=device, dtype=dtype))
+        table = torch.full((config.n_routed_experts,), -1, dtype=torch.int64)
+        table[list(ids)] = torch.arange(len(ids), dtype=torch.int64)
+        self.register_buffer("logical_to_local", table.to(device), persistent=False)  # [E], -1 = not here
+
+    @property
+    def num_local_experts(self) -> int:
+        return len(self.expert_ids)
+
+    def to_local(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Logical expert ids (any shape) -> local indices, -1 where the expert is not held here."""
+        return self.logical_to_local[topk_ids]
+
+    def forward(self, hidden_states: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights[t, k] · Expert_{local_ids[t, k]}(hidden_states[t]) over local ids >= 0.
+
+        hidden_states [T, H] model dtype; local_ids [T, K] int64 (-1 = skip); weights [T, K] fp32.
+        Returns [T, H] in the model dtype.
+        """
+        top_k = local_ids.shape[1]
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # [T, H]
+        flat_ids = local_ids.flatten()  # [T*K]
+        order = torch.argsort(flat_ids, stable=True)  # skipped (-1) assignments first, then by expert
+        counts = torch.bincount(flat_ids + 1, minlength=self.num_local_experts + 1).tolist()  # host sync
+        token_of = order // top_k  # [T*K] token of each sorted assignment
+        weight_of = weights.flatten()[order]  # [T*K]
+        start = counts[0]
+        for local, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]  # [A_e]
+            gate, up = F.linear(hidden_states[rows], self.gate_up_proj[local]).split(self.intermediate_size, dim=-1)
+            expert_out = F.linear(F.silu(gate) * up, self.down_proj[local])  # [A_e, H]
+            out.index_add_(0, rows, expert_out.float() * weight_of[start : start + count, None])
+            start += count
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_local_experts={self.num_local_experts}, intermediate_size={self.intermediate_size}"

@@ -1,0 +1,127 @@
+"""``KimiK2ForCausalLM``: embeddings -> decoder layers -> final norm -> LM head, over a ``ForwardBatch``.
+
+Lifecycle: a worker builds the model once (on its device, in its dtype, with the logical expert
+ids it owns), fills it with ``load_state_dict(weights, strict=True)`` and then calls it once per
+step: ``model(batch, kv_cache) -> logits``. Parameters are uninitialized until loaded. The model
+holds no per-request state; all of that is in the ``ForwardBatch`` and the paged ``kv_cache``,
+which each call updates in place with the new tokens' latent rows.
+
+State dict = checkpoint names (reference kimi-k2.md §2) except the routed experts, which are
+stacked over this rank's experts: ``model.layers.{L}.mlp.experts.gate_up_proj`` [E_local, 2I, H]
+and ``...experts.down_proj`` [E_local, H, I]. Buffers derived from the config (rope cos/sin, the
+logical -> local expert table) are non-persistent; ``e_score_correction_bias`` stays fp32.
+
+Attention form: per sequence, one new token -> weight-absorbed form, several -> expanded form
+(``attention_plan``). ``attention_form`` ("auto" | "absorbed" | "expanded"), as a constructor
+argument, attribute or per-call argument, forces one form for tests.
+
+Legend: T = new tokens, N = rows that get logits, H = hidden_size, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from k2serve.workers.config import ModelConfig
+from k2serve.workers.dispatcher import ExpertDispatcher, LocalDispatcher
+from k2serve.workers.model.attention_plan import AttentionForm, plan_attention
+from k2serve.workers.model.decoder_layer import DecoderLayer
+from k2serve.workers.model.forward_batch import ForwardBatch
+from k2serve.workers.model.linear import embedding, linear
+from k2serve.workers.model.rmsnorm import RMSNorm
+from k2serve.workers.model.rotary import RotaryEmbedding
+
+
+class KimiK2Model(nn.Module):
+    """The decoder stack; returns the final-normalized hidden states [T, H]."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        expert_ids: Sequence[int],
+        dispatcher: ExpertDispatcher,
+        *,
+        max_positions: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, expert_ids, dispatcher, device=device, dtype=dtype)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
+        self.rotary_emb = RotaryEmbedding(config, max_positions, device=device)
+
+    def forward(self, batch: ForwardBatch, kv_cache: Sequence[torch.Tensor], form: AttentionForm) -> torch.Tensor:
+        if len(kv_cache) != len(self.layers):
+            raise ValueError(f"kv_cache has {len(kv_cache)} layers, the model {len(self.layers)}")
+        if batch.max_seq_len > self.rotary_emb.max_positions:
+            raise ValueError(
+                f"a sequence of {batch.max_seq_len} tokens exceeds max_positions {self.rotary_emb.max_positions}"
+            )
+        block_size = kv_cache[0].shape[1]
+        plan = plan_attention(batch, block_size, form, self.rotary_emb(batch.positions))
+        hidden_states = self.embed_tokens(batch.input_ids)  # [T, H]
+        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+            hidden_states = layer(hidden_states, plan, layer_cache)
+        return self.norm(hidden_states)
+
+
+class KimiK2ForCausalLM(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        expert_ids: Sequence[int] | None = None,
+        dispatcher: ExpertDispatcher | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        max_positions: int | None = None,
+        attention_form: AttentionForm = "auto",
+    ) -> None:
+        """``expert_ids``: logical routed experts held here, in local order (default: all).
+        ``max_positions``: rope table length (default ``config.max_position_embeddings``).
+        ``dtype``: default ``config.torch_dtype``.
+        """
+        super().__init__()
+        if config.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings: Kimi K2 / DeepSeek-V3 checkpoints have an untied lm_head")
+        self.config = config
+        dtype = dtype if dtype is not None else getattr(torch, config.torch_dtype)
+        self.expert_ids = tuple(expert_ids) if expert_ids is not None else tuple(range(config.n_routed_experts))
+        self.attention_form: AttentionForm = attention_form
+        self.model = KimiK2Model(
+            config,
+            self.expert_ids,
+            dispatcher if dispatcher is not None else LocalDispatcher(),
+            max_positions=max_positions if max_positions is not None else config.max_position_embeddings,
+            device=device,
+            dtype=dtype,
+        )
+        self.lm_head = linear(config.hidden_size, config.vocab_size, device=device, dtype=dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @torch.no_grad()
+    def forward(
+        self, batch: ForwardBatch, kv_cache: Sequence[torch.Tensor], attention_form: AttentionForm | None = None
+    ) -> torch.Tensor:
+        """Logits [N, V] fp32 for the rows ``batch.logits_indices`` (all T rows when None).
+
+        Writes the latent rows of the batch's new tokens into ``kv_cache`` (one tensor per layer).
+        """
+        hidden_states = self.model(batch, kv_cache, attention_form or self.attention_form)  # [T, H]
+        if batch.logits_indices is not None:
+            hidden_states = hidden_states[batch.logits_indices]  # [N, H]
+        return self.lm_head(hidden_states).float()

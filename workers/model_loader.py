@@ -1,0 +1,33 @@
+"""Build a ``KimiK2ForCausalLM`` from a model folder: config -> empty model -> checkpoint weights.
+
+Lifecycle: called once when a rank starts. Returns a model in eval mode whose parameters are the
+checkpoint's (experts dequantized to ``dtype``); the caller then allocates the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from k2serve.workers.config import ModelConfig
+from k2serve.workers.model.model import KimiK2ForCausalLM
+from k2serve.workers.weights import load_weights
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    expert_ids: Sequence[int] | None = None,
+    max_positions: int | None = None,
+    progress: bool | None = None,
+) -> KimiK2ForCausalLM:
+    config = ModelConfig.from_model_dir(model_dir)
+    weights = load_weights(model_dir, config, dtype=dtype, expert_ids=expert_ids, device=device, progress=progress)
+    # Parameters are created uninitialized (torch.empty) and filled once from the checkpoint.
+    model = KimiK2ForCausalLM(config, expert_ids=expert_ids, dtype=dtype, device=device, max_positions=max_positions)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
