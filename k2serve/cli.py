@@ -30,6 +30,38 @@ def _generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _bench_engine(args: argparse.Namespace) -> int:
+    from k2serve.bench_engine import run_bench_engine
+
+    return run_bench_engine(args)
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from k2serve.kernels.bench import run_bench_kernels
+
+    return run_bench_kernels(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (results go to docs/BENCHMARKS.md with --write)")
+    which = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    engine = which.add_parser("engine", help="offline engine throughput vs transformers generate, same weights")
+    engine.add_argument("--model", required=True, help="model folder (e.g. from make-tiny-model --preset small)")
+    engine.add_argument("--num-requests", type=int, default=64)
+    engine.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    engine.add_argument("--output-len", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"))
+    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    engine.add_argument("--skip-transformers", action="store_true", help="run only k2serve's engine")
+    engine.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
+    engine.set_defaults(func=_bench_engine)
+    kernels = which.add_parser("kernels", help="GPU kernel roofline benchmark (needs CUDA)")
+    kernels.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
+    kernels.set_defaults(func=_bench_kernels)
+
+
 def _add_make_tiny_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "make-tiny-model",
@@ -64,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_make_tiny_model(sub)
     _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 

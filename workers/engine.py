@@ -1,0 +1,321 @@
+"""One rank's engine: many concurrent requests -> batched forward passes -> token-delta events.
+
+Lifecycle: ``Engine(model, kv_cache, config)`` wires a block pool, a KV cache manager, a scheduler
+and a sampler around a loaded model and its allocated cache. Callers ``add_request`` (validated at
+once; a bad request never reaches a step), ``abort`` at any time, and call ``step()`` repeatedly;
+each step schedules, runs one forward pass, samples and returns ``RequestOutput`` deltas. ``step``
+is synchronous and does no I/O; ``engine_loop.EngineLoop`` drives it for the service.
+
+Every request ends in exactly one terminal state and its last delta carries ``finish_reason`` and
+usage (prompt, completion and cached prompt tokens). A request with ``n > 1`` fans out into ``n``
+children ``{id}#{i}``: child 0 prefills the prompt, the others then share its full prompt blocks
+(``KvCacheManager.fork``) and compute only the partial last block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from k2serve.workers.block_pool import BlockPool
+from k2serve.workers.kv_cache_manager import KvCacheManager
+from k2serve.workers.model.forward_batch import make_forward_batch
+from k2serve.workers.model.model import KimiK2ForCausalLM
+from k2serve.workers.request import Request, RequestStatus, RequestValidationError
+from k2serve.workers.sampler import Sampler, SamplingState
+from k2serve.workers.sampling_params import SamplingParams, SamplingParamsError
+from k2serve.workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    max_model_len: int = 4096  # prompt + output tokens of one request
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    enable_prefix_caching: bool = True
+    stop_token_ids: tuple[int, ...] = ()  # the model's own stops (Kimi: <|im_end|>, [EOS]); ignore_eos skips them
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache (or shared with an n > 1 sibling)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A token delta of one choice of one request."""
+
+    request_id: str
+    index: int  # choice index (n > 1)
+    new_token_ids: tuple[int, ...]
+    logprobs: tuple[object, ...] | None = None  # the sampler's per-token logprob records
+    finish_reason: str | None = None  # stop | length | abort | error; set on the last delta only
+    usage: Usage | None = None  # set on the last delta only
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, model: KimiK2ForCausalLM, kv_cache: Sequence[torch.Tensor], config: EngineConfig) -> None:
+        num_blocks, block_size = kv_cache[0].shape[0], kv_cache[0].shape[1]
+        if block_size != config.block_size:
+            raise ValueError(f"block_size: the cache has blocks of {block_size}, the config says {config.block_size}")
+        self.model = model
+        self.kv_cache = list(kv_cache)
+        self.config = config
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching=config.enable_prefix_caching)
+        self.kv = KvCacheManager(self.pool)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.sampler = Sampler()
+        self._requests: dict[str, Request] = {}  # live children by id
+        self._children: dict[str, list[str]] = {}  # parent id -> child ids
+        self._pending_siblings: dict[str, list[Request]] = {}  # child-0 id -> siblings waiting for its prompt
+        self._finished: list[RequestOutput] = []  # terminal deltas produced outside a step (aborts)
+        self._arrivals = 0
+
+    # ---- admission -------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Validate and queue a request; raises ``RequestValidationError``/``SamplingParamsError`` naming the field."""
+        prompt = self._validate(request_id, prompt_token_ids, params)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len - len(prompt)
+        children = [
+            self._make_child(request_id, i, prompt, params, max_tokens, priority, cache_salt) for i in range(params.n)
+        ]
+        self._children[request_id] = [c.request_id for c in children]
+        for child in children:
+            self._requests[child.request_id] = child
+        self.scheduler.add(children[0])
+        if len(children) > 1:
+            self._pending_siblings[children[0].request_id] = children[1:]
+
+    def _validate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> tuple[int, ...]:
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestValidationError("request_id", "must be a non-empty string")
+        if request_id in self._children:
+            raise RequestValidationError("request_id", f"{request_id!r} is already running")
+        prompt = tuple(int(t) for t in prompt_token_ids)
+        if not prompt:
+            raise RequestValidationError("prompt_token_ids", "the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestValidationError("prompt_token_ids", f"ids {bad[:5]} are outside the vocabulary of {vocab}")
+        limit = self.config.max_model_len
+        if len(prompt) >= limit:
+            raise RequestValidationError(
+                "prompt_token_ids", f"the prompt has {len(prompt)} tokens; the context limit is {limit}"
+            )
+        if params.max_tokens is not None and len(prompt) + params.max_tokens > limit:
+            raise RequestValidationError(
+                "max_tokens",
+                f"{len(prompt)} prompt + {params.max_tokens} max_tokens exceeds the context limit of {limit}",
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt)
+        needed = -(-(len(prompt) + max_tokens) // self.config.block_size)
+        if needed > self.pool.num_blocks:  # it could never fit, so it would wait forever: refuse it now
+            raise RequestValidationError(
+                "max_tokens",
+                f"{len(prompt)} + {max_tokens} tokens need {needed} KV blocks; this rank has {self.pool.num_blocks}",
+            )
+        params.validate(vocab)
+        return prompt
+
+    def _make_child(
+        self,
+        request_id: str,
+        index: int,
+        prompt: tuple[int, ...],
+        params: SamplingParams,
+        max_tokens: int,
+        priority: int,
+        cache_salt: str | None,
+    ) -> Request:
+        child_params = params.for_child(index) if params.n > 1 else params
+        stop_ids = set(child_params.stop_token_ids)
+        if not child_params.ignore_eos:
+            stop_ids.update(self.config.stop_token_ids)
+        self._arrivals += 1
+        return Request(
+            request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+            prompt_token_ids=prompt,
+            params=child_params,
+            max_tokens=max_tokens,
+            sampling=SamplingState.create(child_params, prompt, stop_ids_for_min_tokens=tuple(sorted(stop_ids))),
+            stop_ids=frozenset(stop_ids),
+            arrival=self._arrivals,
+            priority=priority,
+            cache_salt=cache_salt,
+            parent_id=request_id,
+            index=index,
+        )
+
+    # ---- abort -----------------------------------------------------------------------------------------------
+
+    def abort(self, request_id: str) -> bool:
+        """Abort every choice of ``request_id``; frees its blocks at once. False if unknown or done."""
+        child_ids = self._children.pop(request_id, None)
+        if child_ids is None:
+            return False
+        for cid in child_ids:
+            child = self._requests.pop(cid, None)
+            if child is None:
+                continue
+            self._pending_siblings.pop(cid, None)
+            self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+            self._finished.append(self._final_output(child, (), None))
+        return True
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+
+    def drain_finished(self) -> list[RequestOutput]:
+        """Terminal deltas produced outside ``step`` (aborts, a failed step), oldest first."""
+        outputs, self._finished = self._finished, []
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._finished)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished = self._finished, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        try:
+            logits = self._forward(plan)
+        except Exception:
+            # fail the requests of this step (each still gets its one terminal delta), keep the rest
+            for entry in plan.scheduled:
+                self._terminate(entry.request, RequestStatus.FINISHED_ERROR, outputs)
+            self._finished.extend(outputs)
+            raise
+        sampling_rows = [e for e in plan.scheduled if e.samples]
+        for entry in plan.scheduled:
+            request = entry.request
+            request.num_computed_tokens += entry.num_new_tokens
+            self.kv.commit(request.request_id, request.all_token_ids(), request.num_computed_tokens, request.cache_salt)
+        if sampling_rows:
+            sampled = self.sampler.sample(logits, [e.request.sampling for e in sampling_rows])
+            for row, entry in enumerate(sampling_rows):
+                logprobs = None if sampled.logprobs is None else (sampled.logprobs[row],)
+                self._append(entry.request, sampled.token_ids[row], logprobs, outputs)
+        for entry in plan.scheduled:
+            self._release_siblings(entry.request)
+        return outputs
+
+    def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
+        """Logits [N, V] for the scheduled requests that sample this step, in schedule order."""
+        new_tokens, contexts, tables, rows = [], [], [], []
+        end = 0
+        for entry in plan.scheduled:
+            request = entry.request
+            start = request.num_computed_tokens
+            new_tokens.append(request.token_slice(start, start + entry.num_new_tokens))
+            contexts.append(start)
+            tables.append(self.kv.block_table(request.request_id))
+            end += entry.num_new_tokens
+            if entry.samples:
+                rows.append(end - 1)
+        batch = make_forward_batch(
+            new_tokens,
+            block_size=self.config.block_size,
+            context_lens=contexts,
+            block_tables=tables,
+            device=self.model.device,
+        )
+        batch = dataclasses.replace(batch, logits_indices=torch.tensor(rows, dtype=torch.int64, device=batch.device))
+        return self.model(batch, self.kv_cache)
+
+    def _append(
+        self, request: Request, token: int, logprobs: tuple[object, ...] | None, outputs: list[RequestOutput]
+    ) -> None:
+        request.append_output(token)
+        status = request.check_stop(self.config.max_model_len)
+        if status is None:
+            outputs.append(RequestOutput(request.parent_id or request.request_id, request.index, (token,), logprobs))
+        else:
+            self._terminate(request, status, outputs, (token,), logprobs)
+
+    def _terminate(
+        self,
+        request: Request,
+        status: RequestStatus,
+        outputs: list[RequestOutput],
+        tokens: tuple[int, ...] = (),
+        logprobs: tuple[object, ...] | None = None,
+    ) -> None:
+        self.scheduler.finish(request, status)
+        self._requests.pop(request.request_id, None)
+        parent = request.parent_id or request.request_id
+        siblings = self._children.get(parent)
+        if siblings is not None and all(cid not in self._requests for cid in siblings):
+            del self._children[parent]
+        outputs.append(self._final_output(request, tokens, logprobs))
+        self._release_siblings(request)
+
+    def _final_output(
+        self, request: Request, tokens: tuple[int, ...], logprobs: tuple[object, ...] | None
+    ) -> RequestOutput:
+        usage = Usage(request.num_prompt_tokens, request.num_output_tokens, max(request.num_cached_tokens, 0))
+        return RequestOutput(
+            request.parent_id or request.request_id,
+            request.index,
+            tokens,
+            logprobs,
+            finish_reason=request.status.finish_reason,
+            usage=usage,
+        )
+
+    def _release_siblings(self, first: Request) -> None:
+        """Once child 0 has computed its prompt (or ended), its waiting siblings share its full blocks."""
+        siblings = self._pending_siblings.get(first.request_id)
+        if siblings is None:
+            return
+        prompt_done = first.num_computed_tokens >= first.num_prompt_tokens
+        if not (prompt_done or first.status.is_finished):
+            return
+        del self._pending_siblings[first.request_id]
+        for sibling in siblings:
+            if prompt_done and not first.status.is_finished:
+                shared = self.kv.fork(first.request_id, sibling.request_id, sibling.num_prompt_tokens - 1)
+                sibling.num_computed_tokens = shared
+                sibling.num_cached_tokens = shared
+            self.scheduler.add(sibling)
+
+    # ---- introspection ----------------------------------------------------------------------------------------
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._children)
+
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "RequestOutput",
+    "RequestValidationError",
+    "SamplingParams",
+    "SamplingParamsError",
+    "Usage",
+]
