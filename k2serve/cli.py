@@ -59,6 +59,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     engine.set_defaults(func=_bench_engine)
     kernels = which.add_parser("kernels", help="GPU kernel roofline benchmark (needs CUDA)")
     kernels.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
+    kernels.add_argument("--quick", action="store_true", help="a few cells only (a smoke run, not for the record)")
+    kernels.add_argument("--warmup", type=int, default=5, help="warm-up calls per implementation (at least 5)")
+    kernels.add_argument("--reps", type=int, default=30, help="timed repetitions per implementation (at least 30)")
     kernels.set_defaults(func=_bench_kernels)
 
 

@@ -1,7 +1,8 @@
 """Build a ``KimiK2ForCausalLM`` from a model folder: config -> empty model -> checkpoint weights.
 
 Lifecycle: called once when a rank starts. Returns a model in eval mode whose parameters are the
-checkpoint's (experts dequantized to ``dtype``); the caller then allocates the KV cache.
+checkpoint's (experts dequantized to ``dtype``, or kept packed with ``expert_format="int4"``); the
+caller then allocates the KV cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from k2serve.workers.config import ModelConfig
+from k2serve.workers.model.experts import ExpertWeightFormat
 from k2serve.workers.model.model import KimiK2ForCausalLM
 from k2serve.workers.weights import load_weights
 
@@ -24,10 +26,27 @@ def load_model(
     expert_ids: Sequence[int] | None = None,
     max_positions: int | None = None,
     progress: bool | None = None,
+    expert_format: ExpertWeightFormat = "dense",
 ) -> KimiK2ForCausalLM:
+    """``expert_format="int4"`` keeps the routed experts packed for the W4A16 kernels."""
     config = ModelConfig.from_model_dir(model_dir)
-    weights = load_weights(model_dir, config, dtype=dtype, expert_ids=expert_ids, device=device, progress=progress)
+    weights = load_weights(
+        model_dir,
+        config,
+        dtype=dtype,
+        expert_ids=expert_ids,
+        keep_packed=expert_format == "int4",
+        device=device,
+        progress=progress,
+    )
     # Parameters are created uninitialized (torch.empty) and filled once from the checkpoint.
-    model = KimiK2ForCausalLM(config, expert_ids=expert_ids, dtype=dtype, device=device, max_positions=max_positions)
+    model = KimiK2ForCausalLM(
+        config,
+        expert_ids=expert_ids,
+        dtype=dtype,
+        device=device,
+        max_positions=max_positions,
+        expert_format=expert_format,
+    )
     model.load_state_dict(weights, strict=True)
     return model.eval()

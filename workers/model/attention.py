@@ -14,6 +14,9 @@ The two forms (reference kimi-k2.md §3.2):
   average the latents, and ``W_UV`` maps the result to each head's value space. No per-key
   expansion: the cost per key is R + Rp = 576 values for K2 instead of NH·(Dn+Dv).
 Both use ``config.softmax_scale`` (YaRN mscale² included) and a softmax in fp32, then ``o_proj``.
+The decode group (one new token per sequence, absorbed) reads the paged cache directly through
+``kernels.mla_decode`` (split-K Triton on CUDA, its fp32 torch reference elsewhere); the cache
+write goes through ``kernels.kv_cache_write``. ``kernel_impl`` forces one implementation (tests).
 
 Legend: T = new tokens, H = hidden_size, NH = num_heads, Dn = qk_nope_head_dim, Rp =
 qk_rope_head_dim, Dv = v_head_dim, R = kv_lora_rank, D = R + Rp, S/Q/L = sequences, new tokens
@@ -25,8 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from k2serve.kernels.dispatch import Impl
+from k2serve.kernels.mla_decode import mla_decode
 from k2serve.workers.config import ModelConfig
-from k2serve.workers.model.attention_plan import AttentionPlan
+from k2serve.workers.model.attention_plan import AttentionGroup, AttentionPlan
 from k2serve.workers.model.kv_cache import gather_kv_cache, write_kv_cache
 from k2serve.workers.model.linear import linear
 from k2serve.workers.model.rmsnorm import RMSNorm
@@ -42,6 +47,7 @@ class MLAAttention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.softmax_scale = config.softmax_scale
+        self.kernel_impl: Impl = "auto"  # kernels (cache write, absorbed decode): Triton on CUDA, torch elsewhere
         hidden, heads, eps = config.hidden_size, config.num_attention_heads, config.rms_norm_eps
         self.q_lora_rank = config.q_lora_rank
         if config.q_lora_rank is None:
@@ -70,18 +76,48 @@ class MLAAttention(nn.Module):
         latent = self.kv_a_layernorm(c_kv)  # [T, R]; k_pe [T, Rp] is not normalized
         q_pe = apply_interleaved_rotary(q_pe, plan.cos[:, None, :], plan.sin[:, None, :])
         k_pe = apply_interleaved_rotary(k_pe, plan.cos, plan.sin)
-        write_kv_cache(kv_cache, plan.slot_mapping, latent, k_pe)
+        write_kv_cache(kv_cache, plan.slot_mapping, latent, k_pe, impl=self.kernel_impl)
 
         out = hidden_states.new_empty(num_tokens, self.num_heads, self.v_head_dim)  # [T, NH, Dv]
         for group in plan.groups:
             s, q_len = group.num_seqs, group.query_len
-            keys = gather_kv_cache(kv_cache, group.key_slots).to(hidden_states.dtype)  # [S, L, D]
             group_q_nope = q_nope[group.query_rows].view(s, q_len, self.num_heads, self.qk_nope_head_dim)
             group_q_pe = q_pe[group.query_rows].view(s, q_len, self.num_heads, self.qk_rope_head_dim)
-            attend = self._absorbed if group.absorbed else self._expanded
-            heads = attend(group_q_nope, group_q_pe, keys, group.mask)  # [S, Q, NH, Dv]
+            if group.absorbed and q_len == 1:
+                heads = self._absorbed_decode(group_q_nope[:, 0], group_q_pe[:, 0], kv_cache, group)[:, None]
+            else:
+                keys = gather_kv_cache(kv_cache, group.key_slots).to(hidden_states.dtype)  # [S, L, D]
+                attend = self._absorbed if group.absorbed else self._expanded
+                heads = attend(group_q_nope, group_q_pe, keys, group.mask)  # [S, Q, NH, Dv]
             out[group.query_rows] = heads.reshape(s * q_len, self.num_heads, self.v_head_dim)
         return self.o_proj(out.flatten(1))
+
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK`` [NH, Dn, R] and ``W_UV`` [NH, Dv, R], views of ``kv_b_proj.weight``."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _absorbed_decode(
+        self,
+        q_nope: torch.Tensor,  # [S, NH, Dn] one new token per sequence
+        q_pe: torch.Tensor,  # [S, NH, Rp]
+        kv_cache: torch.Tensor,  # [NB, BS, D]
+        group: AttentionGroup,
+    ) -> torch.Tensor:
+        """The absorbed form straight over the paged cache (``kernels.mla_decode``) -> [S, NH, Dv]."""
+        w_uk, w_uv = self._absorbed_weights()
+        q_latent = torch.einsum("shd,hdc->shc", q_nope, w_uk)  # [S, NH, R]
+        latent = mla_decode(
+            q_latent.to(kv_cache.dtype).contiguous(),
+            q_pe.to(kv_cache.dtype).contiguous(),
+            kv_cache,
+            group.block_tables,
+            group.seq_lens,
+            self.softmax_scale,
+            max_seq_len=group.key_slots.shape[1],
+            impl=self.kernel_impl,
+        )  # [S, NH, R]
+        return torch.einsum("shc,hvc->shv", latent.to(q_nope.dtype), w_uv)
 
     def _expanded(
         self,
@@ -107,8 +143,7 @@ class MLAAttention(nn.Module):
         keys: torch.Tensor,  # [S, L, D] cache rows: latent then rotated k_pe
         mask: torch.Tensor,  # [S, Q, L]
     ) -> torch.Tensor:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # [NH, Dn, R], [NH, Dv, R]
+        w_uk, w_uv = self._absorbed_weights()  # [NH, Dn, R], [NH, Dv, R]
         q_abs = torch.einsum("sqhd,hdc->sqhc", q_nope, w_uk)  # [S, Q, NH, R]
         # [q_abs | q_pe] against the cache rows [latent | k_pe]: the 576-wide dot product of K2.
         q = torch.cat((q_abs, q_pe), dim=-1)  # [S, Q, NH, D]

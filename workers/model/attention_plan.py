@@ -38,6 +38,8 @@ class AttentionGroup:
     query_rows: torch.Tensor  # [S*Q] int64 batch rows of the group's new tokens, sequence-major
     key_slots: torch.Tensor  # [S, L] int64 cache slot of key l of sequence s (padding reads a valid slot)
     mask: torch.Tensor  # [S, Q, L] bool: query q of sequence s may see key l (causal, within its length)
+    block_tables: torch.Tensor  # [S, B] int32 the group's rows of the batch's block tables
+    seq_lens: torch.Tensor  # [S] int32 keys of each sequence after this step
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ def _group(
     contexts = torch.tensor([context_lens[s] for s in seq_ids], dtype=torch.int64, device=device)  # [S]
 
     key_idx = torch.arange(num_keys, device=device)  # [L]
-    tables = batch.block_tables[torch.tensor(seq_ids, device=device)].long()  # [S, B]
+    seq_index = torch.tensor(seq_ids, device=device)
+    tables = batch.block_tables[seq_index].long()  # [S, B]
     blocks = tables[:, key_idx // block_size].clamp_min(0)  # [S, L]
     key_slots = blocks * block_size + key_idx % block_size  # [S, L]
 
@@ -91,4 +94,6 @@ def _group(
         query_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         key_slots=key_slots,
         mask=mask,
+        block_tables=batch.block_tables[seq_index],
+        seq_lens=batch.seq_lens[seq_index],
     )

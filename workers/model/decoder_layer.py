@@ -18,6 +18,7 @@ from k2serve.workers.config import ModelConfig
 from k2serve.workers.dispatcher import ExpertDispatcher
 from k2serve.workers.model.attention import MLAAttention
 from k2serve.workers.model.attention_plan import AttentionPlan
+from k2serve.workers.model.experts import ExpertWeightFormat
 from k2serve.workers.model.mlp import MLP
 from k2serve.workers.model.moe import MoE
 from k2serve.workers.model.rmsnorm import RMSNorm
@@ -33,6 +34,7 @@ class DecoderLayer(nn.Module):
         *,
         device: torch.device | str | None,
         dtype: torch.dtype,
+        expert_format: ExpertWeightFormat = "dense",
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -42,7 +44,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, device=device, dtype=dtype)
         self.mlp: MoE | MLP
         if config.is_moe_layer(layer_idx):
-            self.mlp = MoE(config, expert_ids, dispatcher, device=device, dtype=dtype)
+            self.mlp = MoE(config, expert_ids, dispatcher, device=device, dtype=dtype, expert_format=expert_format)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from k2serve.kernels.dispatch import Impl
+from k2serve.kernels.kv_cache_write import kv_cache_write
 from k2serve.workers.config import ModelConfig
 
 
@@ -28,13 +30,15 @@ def allocate_kv_cache(
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
 
-def write_kv_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
-    """Store ``[latent | k_pe]`` of each new token at its slot.
+def write_kv_cache(
+    cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, *, impl: Impl = "auto"
+) -> None:
+    """Store ``[latent | k_pe]`` of each new token at its slot (``kernels.kv_cache_write``: Triton on
+    CUDA, torch elsewhere; a slot of -1 is skipped).
 
     cache [NB, BS, D]; slot_mapping [T]; latent [T, R] normalized c_kv; k_pe [T, Rp] rotated; D = R + Rp.
     """
-    flat = cache.view(-1, cache.shape[-1])  # [NB*BS, D]
-    flat[slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+    kv_cache_write(cache, slot_mapping, torch.cat((latent, k_pe), dim=-1), impl=impl)
 
 
 def gather_kv_cache(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ which each call updates in place with the new tokens' latent rows.
 
 State dict = checkpoint names (reference kimi-k2.md §2) except the routed experts, which are
 stacked over this rank's experts: ``model.layers.{L}.mlp.experts.gate_up_proj`` [E_local, 2I, H]
-and ``...experts.down_proj`` [E_local, H, I]. Buffers derived from the config (rope cos/sin, the
+and ``...experts.down_proj`` [E_local, H, I] (with ``expert_format="int4"``: the packed words and
+scales instead, ``LocalExperts``). Buffers derived from the config (rope cos/sin, the
 logical -> local expert table) are non-persistent; ``e_score_correction_bias`` stays fp32.
 
 Attention form: per sequence, one new token -> weight-absorbed form, several -> expanded form
@@ -29,6 +30,7 @@ from k2serve.workers.config import ModelConfig
 from k2serve.workers.dispatcher import ExpertDispatcher, LocalDispatcher
 from k2serve.workers.model.attention_plan import AttentionForm, plan_attention
 from k2serve.workers.model.decoder_layer import DecoderLayer
+from k2serve.workers.model.experts import ExpertWeightFormat
 from k2serve.workers.model.forward_batch import ForwardBatch
 from k2serve.workers.model.linear import embedding, linear
 from k2serve.workers.model.rmsnorm import RMSNorm
@@ -47,11 +49,12 @@ class KimiK2Model(nn.Module):
         max_positions: int,
         device: torch.device | str | None,
         dtype: torch.dtype,
+        expert_format: ExpertWeightFormat = "dense",
     ) -> None:
         super().__init__()
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, expert_ids, dispatcher, device=device, dtype=dtype)
+            DecoderLayer(config, i, expert_ids, dispatcher, device=device, dtype=dtype, expert_format=expert_format)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
@@ -83,10 +86,13 @@ class KimiK2ForCausalLM(nn.Module):
         device: torch.device | str | None = None,
         max_positions: int | None = None,
         attention_form: AttentionForm = "auto",
+        expert_format: ExpertWeightFormat = "dense",
     ) -> None:
         """``expert_ids``: logical routed experts held here, in local order (default: all).
         ``max_positions``: rope table length (default ``config.max_position_embeddings``).
         ``dtype``: default ``config.torch_dtype``.
+        ``expert_format``: "dense" (dequantized stacks) or "int4" (packed words and scales, the
+        W4A16 kernels; the state dict then holds ``load_weights(..., keep_packed=True)``'s names).
         """
         super().__init__()
         if config.tie_word_embeddings:
@@ -102,6 +108,7 @@ class KimiK2ForCausalLM(nn.Module):
             max_positions=max_positions if max_positions is not None else config.max_position_embeddings,
             device=device,
             dtype=dtype,
+            expert_format=expert_format,
         )
         self.lm_head = linear(config.hidden_size, config.vocab_size, device=device, dtype=dtype)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from k2serve.workers.config import ModelConfig
 from k2serve.workers.dispatcher import ExpertDispatcher
-from k2serve.workers.model.experts import LocalExperts
+from k2serve.workers.model.experts import ExpertWeightFormat, LocalExperts
 from k2serve.workers.model.mlp import MLP
 
 
@@ -84,11 +84,12 @@ class MoE(nn.Module):
         *,
         device: torch.device | str | None,
         dtype: torch.dtype,
+        expert_format: ExpertWeightFormat = "dense",
     ) -> None:
         super().__init__()
         self.dispatcher = dispatcher
         self.gate = MoEGate(config, device=device, dtype=dtype)
-        self.experts = LocalExperts(config, expert_ids, device=device, dtype=dtype)
+        self.experts = LocalExperts(config, expert_ids, device=device, dtype=dtype, weight_format=expert_format)
         self.shared_experts: MLP | None = None
         if config.n_shared_experts > 0:
             shared_size = config.moe_intermediate_size * config.n_shared_experts

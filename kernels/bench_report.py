@@ -1,0 +1,98 @@
+"""The report of ``k2serve bench kernels``: result rows, the markdown table, the BENCHMARKS.md section.
+
+Lifecycle: ``kernels/bench.py`` measures and fills ``Row``s; ``render`` turns them into a markdown
+table with GB/s and the fraction of the same-run copy bandwidth; ``write_section`` replaces the
+block between the kernel markers of docs/BENCHMARKS.md (adding a "Kernels" section if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+MARK_START, MARK_END = "<!-- bench:kernels:start -->", "<!-- bench:kernels:end -->"
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+
+
+@dataclass(frozen=True)
+class Row:
+    kernel: str
+    shape: str
+    impl: str
+    timing: Timing | None  # None: not timed (see note)
+    bytes_moved: float
+    flops: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Denominators:
+    copy_gbs: float  # device-to-device copy, bytes read + written per second / 1e9
+    gemm_tflops: float  # cuBLAS bf16 8192³
+
+
+def environment(device: torch.device) -> str:
+    query = "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm"
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        smi = "nvidia-smi unavailable"
+    return (
+        f"GPU {torch.cuda.get_device_name(device)}; nvidia-smi ({query}): {smi or 'n/a'}; "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}); Triton {triton.__version__}"
+    )
+
+
+def render(
+    rows: list[Row], denominators: Denominators, env_before: str, env_after: str, args: argparse.Namespace
+) -> str:
+    lines = [
+        f"Environment before: {env_before}.",
+        f"Environment after: {env_after}.",
+        f"Same-run denominators: device-to-device copy **{denominators.copy_gbs:.0f} GB/s** (read + write), "
+        f"cuBLAS bf16 8192³ **{denominators.gemm_tflops:.0f} TFLOP/s**.",
+        f"Method: {args.warmup} warm-ups, {args.reps} interleaved repetitions, median (p10–p90), L2 flushed, eager. "
+        f"Rerun: `k2serve bench kernels{' --quick' if args.quick else ''} --write docs/BENCHMARKS.md`.",
+        "",
+        "| kernel | shape | implementation | median µs | p10–p90 µs | min bytes (MB) | GB/s | of copy BW | TFLOP/s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.timing is None:
+            lines.append(
+                f"| {r.kernel} | {r.shape} | {r.impl} | – | – | {r.bytes_moved / 1e6:.1f} | – | – | – | {r.note} |"
+            )
+            continue
+        seconds = r.timing.median_ms / 1e3
+        gbs = r.bytes_moved / seconds / 1e9
+        tflops = f"{r.flops / seconds / 1e12:.1f}" if r.flops else "–"
+        lines.append(
+            f"| {r.kernel} | {r.shape} | {r.impl} | {r.timing.median_ms * 1e3:.1f} | "
+            f"{r.timing.p10_ms * 1e3:.1f}–{r.timing.p90_ms * 1e3:.1f} | {r.bytes_moved / 1e6:.1f} | {gbs:.0f} | "
+            f"{gbs / denominators.copy_gbs:.2f} | {tflops} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    block = f"{MARK_START}\n{body}\n{MARK_END}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if MARK_START in text:
+        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n## Kernels\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
