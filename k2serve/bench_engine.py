@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from k2serve.kernels.bench_report import write_section
 from k2serve.workers.engine import Engine, EngineConfig
 from k2serve.workers.model.kv_cache import allocate_kv_cache
 from k2serve.workers.model_loader import load_model
 from k2serve.workers.sampling_params import SamplingParams
 from k2serve.workers.scheduler import SchedulerConfig
-
-MARK_START, MARK_END = "<!-- bench:engine:start -->", "<!-- bench:engine:end -->"
 
 
 @dataclass(frozen=True)
@@ -156,16 +154,6 @@ def render(results: list[RunResult], workload: Workload, args: argparse.Namespac
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    block = f"{MARK_START}\n{body}\n{MARK_END}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if MARK_START in text:
-        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## Engine (offline, one rank)\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def run_bench_engine(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     from k2serve.workers.config import ModelConfig
@@ -178,5 +166,5 @@ def run_bench_engine(args: argparse.Namespace) -> int:
     table = render(results, workload, args)
     print(table)
     if args.write:
-        write_section(Path(args.write), table)
+        write_section(Path(args.write), table, name="engine", heading="Engine (offline, one rank)")
     return 0

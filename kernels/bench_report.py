@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 import triton
 
-MARK_START, MARK_END = "<!-- bench:kernels:start -->", "<!-- bench:kernels:end -->"
-
 
 @dataclass(frozen=True)
 class Timing:
@@ -88,11 +86,13 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    block = f"{MARK_START}\n{body}\n{MARK_END}"
+def write_section(path: Path, body: str, *, name: str = "kernels", heading: str = "Kernels") -> None:
+    """Replace the ``<!-- bench:{name}:start/end -->`` block of ``path`` (append it under ``heading``)."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    block = f"{start}\n{body}\n{end}"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if MARK_START in text:
-        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: block, text, flags=re.S)
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip() + "\n\n## Kernels\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")

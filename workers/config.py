@@ -44,6 +44,22 @@ _IGNORED_KEYS = frozenset(
 )
 
 
+# Sizes every config.json must give (positive integers).
+_REQUIRED_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "num_experts_per_tok",
+)
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown or inconsistent. ``field`` names the config.json key."""
 
@@ -309,20 +325,7 @@ class ModelConfig:
         for name in known:
             if name in raw:
                 kwargs[name] = raw[name]
-        for required in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "n_routed_experts",
-            "num_experts_per_tok",
-        ):
+        for required in (*_REQUIRED_SIZES, "n_routed_experts"):
             if raw.get(required) is None:
                 raise ConfigError(required, "missing")
         kwargs.setdefault("q_lora_rank", None)
@@ -351,23 +354,7 @@ class ModelConfig:
         for arch in self.architectures:
             if arch not in SUPPORTED_ARCHITECTURES:
                 raise ConfigError("architectures", f"unsupported {arch!r}; expected {SUPPORTED_ARCHITECTURES}")
-        positive = (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "num_experts_per_tok",
-            "moe_layer_freq",
-            "n_group",
-            "topk_group",
-            "max_position_embeddings",
-        )
+        positive = (*_REQUIRED_SIZES, "moe_layer_freq", "n_group", "topk_group", "max_position_embeddings")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
