@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from k2serve.workers.config import ModelConfig, RopeScaling, kimi_k2_quantization
+from k2serve.workers.config import ModelConfig, RopeScaling
+from k2serve.workers.quantization_config import kimi_k2_quantization
 
 NUM_RESERVED_SPECIAL_TOKENS = 256  # Kimi's tokenizer: ids [num_base, num_base + 256) are special
 

@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 import torch
 
+from k2serve.tiny_presets import preset_config
+from k2serve.workers.config import ModelConfig
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -63,3 +66,20 @@ def poison_allocations(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned_new_empty)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny-model tests on one intra-op thread: their ops are far too small to gain from more, and on
+    a shared 2-core machine spinning OpenMP workers make them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelConfig:
+    return preset_config("tiny")

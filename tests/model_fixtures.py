@@ -8,8 +8,7 @@ through INT4 packing and the safetensors loader.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
@@ -20,18 +19,6 @@ from k2serve.workers.model.forward_batch import contiguous_block_tables, make_fo
 from k2serve.workers.model.kv_cache import allocate_kv_cache
 from k2serve.workers.model.model import KimiK2ForCausalLM
 from k2serve.workers.weights import load_weights
-
-
-@contextmanager
-def torch_threads(num_threads: int) -> Iterator[None]:
-    """Run tiny-model tests on one intra-op thread: their ops are far too small to gain from more,
-    and on a shared 2-core machine spinning OpenMP workers make them several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def random_state_dict(
@@ -93,4 +80,4 @@ def batched_greedy(
     return generated
 
 
-__all__ = ["batched_greedy", "build_hf_model", "build_model", "hf_config", "random_state_dict", "torch_threads"]
+__all__ = ["batched_greedy", "build_hf_model", "build_model", "hf_config", "random_state_dict"]

@@ -4,11 +4,9 @@ cache, preemption, n > 1; aborts free every block; bad requests are refused with
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
-from model_fixtures import torch_threads
 
 from k2serve.tiny_model import make_tiny_model
 from k2serve.workers.engine import Engine, EngineConfig, RequestOutput
@@ -23,12 +21,6 @@ from k2serve.workers.scheduler import SchedulerConfig
 BLOCK = 4
 MAX_LEN = 96
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

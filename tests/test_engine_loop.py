@@ -4,10 +4,8 @@ admission errors reach the caller, and stop() ends the loop. Every wait is bound
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
-from model_fixtures import torch_threads
 
 from k2serve.tiny_model import make_tiny_model
 from k2serve.workers.engine import Engine, EngineConfig, RequestOutput
@@ -20,12 +18,6 @@ from k2serve.workers.request import RequestValidationError
 from k2serve.workers.sampling_params import SamplingParams
 
 BLOCK, MAX_LEN, TIMEOUT_S = 4, 64, 30.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,13 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 import torch
-from model_fixtures import batched_greedy, torch_threads
+from model_fixtures import batched_greedy
 
 from k2serve.kernels.dispatch import is_interpreted
 from k2serve.kernels.moe_w4a16 import _moe_w4a16_gemm_kernel
-from k2serve.tiny_presets import preset_config
 from k2serve.workers.checkpoint_writer import write_random_checkpoint
 from k2serve.workers.config import ModelConfig
 from k2serve.workers.model.attention import MLAAttention
@@ -23,17 +21,6 @@ from k2serve.workers.model.forward_batch import make_forward_batch
 from k2serve.workers.model.kv_cache import allocate_kv_cache
 from k2serve.workers.model.model import KimiK2ForCausalLM
 from k2serve.workers.weights import load_weights
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelConfig:
-    return preset_config("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -7,30 +7,17 @@ one-shot prefill); the HF comparison lives in test_model_vs_hf.py.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
-from model_fixtures import batched_greedy, build_model, random_state_dict, torch_threads
+from model_fixtures import batched_greedy, build_model, random_state_dict
 
-from k2serve.tiny_presets import preset_config
 from k2serve.workers.config import ModelConfig
 from k2serve.workers.model.forward_batch import blocks_needed, make_forward_batch
 from k2serve.workers.model.kv_cache import allocate_kv_cache
 from k2serve.workers.model.model import KimiK2ForCausalLM
 
 BLOCK = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelConfig:
-    return preset_config("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ ForwardBatch); HF runs each prompt on its own.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,10 +18,8 @@ from model_fixtures import (
     build_model,
     hf_config,
     random_state_dict,
-    torch_threads,
 )
 
-from k2serve.tiny_presets import preset_config
 from k2serve.workers.config import ModelConfig
 from k2serve.workers.model.forward_batch import make_forward_batch
 from k2serve.workers.model.kv_cache import allocate_kv_cache
@@ -58,17 +55,6 @@ def _assert_logits_match_hf(config: ModelConfig, seed: int = 0) -> torch.Tensor:
     assert ours.dtype == torch.float32
     assert (ours - ref).abs().max().item() <= 1e-4
     return ours
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelConfig:
-    return preset_config("tiny")
 
 
 def test_state_dict_names_are_the_checkpoint_names_and_load_into_hf(tiny: ModelConfig) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
-from model_fixtures import random_state_dict, torch_threads
+from model_fixtures import random_state_dict
 
 from k2serve.tiny_presets import preset_config
 from k2serve.workers.config import ModelConfig
@@ -17,12 +16,6 @@ from k2serve.workers.model.experts import LocalExperts
 from k2serve.workers.model.moe import MoE, MoEGate
 
 SCALE = 2.827
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

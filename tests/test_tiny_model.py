@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_fixtures import build_hf_model, torch_threads
+from model_fixtures import build_hf_model
 
 from k2serve.cli import main
 from k2serve.router.chat_template import ChatTemplate
@@ -82,23 +82,21 @@ def test_refuses_a_non_empty_folder_without_force(tmp_path: Path) -> None:
 def test_loaded_folder_matches_transformers_greedy(tiny_dir: Path) -> None:
     """The model loaded from the INT4 folder and HF's DeepseekV3 on the same (dequantized) weights."""
     pytest.importorskip("transformers")
-    with torch_threads(1):
-        model = load_model(tiny_dir, max_positions=128)
-        hf = build_hf_model(model.config, load_weights(tiny_dir, model.config, progress=False))
-        tokenizer = KimiTokenizer.from_model_dir(tiny_dir)
-        prompt = tokenizer.encode(ChatTemplate.from_model_dir(tiny_dir).render([{"role": "user", "content": "2+2?"}]))
-        ours = greedy_generate(model, prompt, max_tokens=32)
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+    model = load_model(tiny_dir, max_positions=128)
+    hf = build_hf_model(model.config, load_weights(tiny_dir, model.config, progress=False))
+    tokenizer = KimiTokenizer.from_model_dir(tiny_dir)
+    prompt = tokenizer.encode(ChatTemplate.from_model_dir(tiny_dir).render([{"role": "user", "content": "2+2?"}]))
+    ours = greedy_generate(model, prompt, max_tokens=32)
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
     assert ours == out[0, len(prompt) :].tolist()
 
 
 def test_generate_command_prints_the_oracle_tokens(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with torch_threads(1):
-        code = main(["generate", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "8", "--show-ids"])
-        model = load_model(tiny_dir, max_positions=128)
-        tokenizer = KimiTokenizer.from_model_dir(tiny_dir)
-        prompt = tokenizer.encode(ChatTemplate.from_model_dir(tiny_dir).render([{"role": "user", "content": "Hello"}]))
-        expected = greedy_generate(model, prompt, max_tokens=8, stop_token_ids=tokenizer.stop_token_ids)
+    code = main(["generate", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "8", "--show-ids"])
+    model = load_model(tiny_dir, max_positions=128)
+    tokenizer = KimiTokenizer.from_model_dir(tiny_dir)
+    prompt = tokenizer.encode(ChatTemplate.from_model_dir(tiny_dir).render([{"role": "user", "content": "Hello"}]))
+    expected = greedy_generate(model, prompt, max_tokens=8, stop_token_ids=tokenizer.stop_token_ids)
     assert code == 0
     out = capsys.readouterr().out
     assert f"token ids: {expected}" in out

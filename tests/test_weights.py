@@ -350,7 +350,7 @@ def test_folder_without_safetensors(tmp_path: Path, config: ModelConfig) -> None
 
 
 def test_layout_of_kimi_k2_thinking_matches_the_reference_tables() -> None:
-    from k2serve.workers.config import kimi_k2_quantization
+    from k2serve.workers.quantization_config import kimi_k2_quantization
 
     kimi = ModelConfig(
         vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
