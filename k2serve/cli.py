@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -36,10 +37,47 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return run_bench_engine(args)
 
 
+def _bench_ep(args: argparse.Namespace) -> int:
+    from k2serve.bench_ep import run_bench_ep
+
+    return run_bench_ep(args)
+
+
 def _bench_kernels(args: argparse.Namespace) -> int:
     from k2serve.kernels.bench import run_bench_kernels
 
     return run_bench_kernels(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from k2serve.worker import run_worker
+
+    return run_worker(args)
+
+
+def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("worker", help="run one rank of an expert-parallel group (no Ray)")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--ep-size", type=int, default=1)
+    p.add_argument("--ep-rank", type=int, default=0)
+    p.add_argument("--rendezvous", default=None, help="HOST:PORT of the group's TCP store")
+    p.add_argument("--host-store", action="store_true", help="this rank (0) starts the store at --rendezvous")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds any collective may wait for a peer")
+    p.add_argument("--redundant-experts", type=int, default=0, help="extra expert slots over the group (EPLB)")
+    p.add_argument("--placement", type=Path, default=None, help="expert placement JSON (default: contiguous)")
+    p.add_argument("--rebalance-window", type=int, default=0, help="steps between EPLB rebalances (0: off)")
+    p.add_argument("--measure-window", type=int, default=32, help="steps between expert-load measurements")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-blocks", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--requests", type=Path, required=True, help="JSONL of this rank's requests")
+    p.add_argument("--output", type=Path, default=None, help="JSONL of token deltas (default: stdout)")
+    p.add_argument("--stats", type=Path, default=None, help="write step and dispatch statistics (JSON)")
+    p.add_argument("--metrics", type=Path, default=None, help="write the Prometheus exposition at exit")
+    p.set_defaults(func=_worker)
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,6 +95,19 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     engine.add_argument("--skip-transformers", action="store_true", help="run only k2serve's engine")
     engine.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     engine.set_defaults(func=_bench_engine)
+    ep = which.add_parser("ep", help="step time of EP=2/4 groups vs EP=1 (worker processes, gloo)")
+    ep.add_argument("--model", required=True, help="model folder (e.g. from make-tiny-model --preset small)")
+    ep.add_argument("--ep-sizes", type=int, nargs="+", default=(1, 2, 4))
+    ep.add_argument("--num-requests", type=int, default=32)
+    ep.add_argument("--input-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    ep.add_argument("--output-len", type=int, nargs=2, default=(16, 48), metavar=("MIN", "MAX"))
+    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ep.add_argument("--threads", type=int, default=1, help="torch threads per rank process")
+    ep.add_argument("--num-blocks", type=int, default=512)
+    ep.add_argument("--timeout", type=float, default=1800.0, help="seconds one group may run")
+    ep.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
+    ep.set_defaults(func=_bench_ep)
     kernels = which.add_parser("kernels", help="GPU kernel roofline benchmark (needs CUDA)")
     kernels.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     kernels.add_argument("--quick", action="store_true", help="a few cells only (a smoke run, not for the record)")
@@ -100,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_worker(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from k2serve.workers.config_error import ConfigError
 from k2serve.workers.quantization_config import QuantizationConfig
 
 logger = logging.getLogger(__name__)
+
+# The routed experts a rank holds: the same logical ids for every MoE layer, or a list per MoE layer id (EPLB).
+ExpertIds = Sequence[int] | Mapping[int, Sequence[int]]
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
@@ -178,6 +181,22 @@ class ModelConfig:
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
+
+    def experts_per_layer(self, expert_ids: ExpertIds | None) -> dict[int, tuple[int, ...]]:
+        """{MoE layer id: logical expert ids in slot order}; None = every expert in every layer."""
+        if expert_ids is None:
+            return dict.fromkeys(self.moe_layer_ids, tuple(range(self.n_routed_experts)))
+        if isinstance(expert_ids, Mapping):
+            per_layer = {int(layer): tuple(int(e) for e in ids) for layer, ids in expert_ids.items()}
+            missing = sorted(set(self.moe_layer_ids) - set(per_layer))
+            if missing:
+                raise ValueError(f"expert_ids: no experts given for MoE layers {missing}")
+        else:
+            per_layer = dict.fromkeys(self.moe_layer_ids, tuple(int(e) for e in expert_ids))
+        bad = sorted({e for ids in per_layer.values() for e in ids if not 0 <= e < self.n_routed_experts})
+        if bad:
+            raise ValueError(f"expert_ids {bad} are outside [0, {self.n_routed_experts})")
+        return per_layer
 
     def is_quantized(self, module_name: str) -> bool:
         """True when ``module_name`` (a Linear module) is stored pack-quantized in the checkpoint."""

@@ -10,6 +10,12 @@ Every request ends in exactly one terminal state and its last delta carries ``fi
 usage (prompt, completion and cached prompt tokens). A request with ``n > 1`` fans out into ``n``
 children ``{id}#{i}``: child 0 prefills the prompt, the others then share its full prompt blocks
 (``KvCacheManager.fork``) and compute only the partial last block.
+
+In an expert-parallel group (``lockstep`` given) every ``step()`` is a collective: the ranks agree
+on their token counts first, and a rank with nothing scheduled runs the model's empty step while
+any peer has work. If a collective fails (``GroupError``: a peer died or is stuck), every request
+of this rank ends with ``finish_reason`` ``error`` and the group's message, the engine refuses new
+requests (``EngineFailedError``), and its owner must restart the rank.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import torch
 
 from k2serve.workers.block_pool import BlockPool
 from k2serve.workers.kv_cache_manager import KvCacheManager
+from k2serve.workers.lockstep import Lockstep
 from k2serve.workers.model.forward_batch import make_forward_batch
 from k2serve.workers.model.model import KimiK2ForCausalLM
+from k2serve.workers.parallel import GroupError
 from k2serve.workers.request import Request, RequestStatus, RequestValidationError
 from k2serve.workers.sampler import Sampler, SamplingState
 from k2serve.workers.sampling_params import SamplingParams, SamplingParamsError
@@ -62,14 +70,26 @@ class RequestOutput:
     logprobs: tuple[object, ...] | None = None  # the sampler's per-token logprob records
     finish_reason: str | None = None  # stop | length | abort | error; set on the last delta only
     usage: Usage | None = None  # set on the last delta only
+    error: str | None = None  # why, when finish_reason is "error"
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
+class EngineFailedError(RuntimeError):
+    """The engine's expert-parallel group failed; it takes no more requests."""
+
+
 class Engine:
-    def __init__(self, model: KimiK2ForCausalLM, kv_cache: Sequence[torch.Tensor], config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: KimiK2ForCausalLM,
+        kv_cache: Sequence[torch.Tensor],
+        config: EngineConfig,
+        *,
+        lockstep: Lockstep | None = None,
+    ) -> None:
         num_blocks, block_size = kv_cache[0].shape[0], kv_cache[0].shape[1]
         if block_size != config.block_size:
             raise ValueError(f"block_size: the cache has blocks of {block_size}, the config says {config.block_size}")
@@ -80,6 +100,8 @@ class Engine:
         self.kv = KvCacheManager(self.pool)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler()
+        self.lockstep = lockstep
+        self.failure: str | None = None  # the group error that stopped this engine
         self._requests: dict[str, Request] = {}  # live children by id
         self._children: dict[str, list[str]] = {}  # parent id -> child ids
         self._pending_siblings: dict[str, list[Request]] = {}  # child-0 id -> siblings waiting for its prompt
@@ -97,7 +119,10 @@ class Engine:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> None:
-        """Validate and queue a request; raises ``RequestValidationError``/``SamplingParamsError`` naming the field."""
+        """Validate and queue a request; raises ``RequestValidationError``/``SamplingParamsError`` naming the field,
+        ``EngineFailedError`` after a group failure."""
+        if self.failure is not None:
+            raise EngineFailedError(f"this rank's expert-parallel group failed: {self.failure}")
         prompt = self._validate(request_id, prompt_token_ids, params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len - len(prompt)
         children = [
@@ -175,6 +200,9 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Abort every choice of ``request_id``; frees its blocks at once. False if unknown or done."""
+        return self._end(request_id, RequestStatus.FINISHED_ABORTED, None)
+
+    def _end(self, request_id: str, status: RequestStatus, error: str | None) -> bool:
         child_ids = self._children.pop(request_id, None)
         if child_ids is None:
             return False
@@ -183,9 +211,17 @@ class Engine:
             if child is None:
                 continue
             self._pending_siblings.pop(cid, None)
-            self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
-            self._finished.append(self._final_output(child, (), None))
+            self.scheduler.finish(child, status)
+            self._finished.append(dataclasses.replace(self._final_output(child, (), None), error=error))
         return True
+
+    def _fail_group(self, exc: GroupError, outputs: list[RequestOutput]) -> None:
+        """The group is gone: every request of this rank ends with the error, no more admissions."""
+        self.failure = str(exc)
+        for request_id in list(self._children):
+            self._end(request_id, RequestStatus.FINISHED_ERROR, self.failure)
+        outputs.extend(self._finished)
+        self._finished = list(outputs)
 
     # ---- the step ---------------------------------------------------------------------------------------------
 
@@ -197,14 +233,31 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._finished)
 
+    @property
+    def steps_with_group(self) -> bool:
+        """True while this engine must keep stepping even without requests (a live EP group member)."""
+        return self.lockstep is not None and self.failure is None
+
     def step(self) -> list[RequestOutput]:
+        """One step; raises ``GroupError`` once when the group fails (its requests then end with an error)."""
         outputs, self._finished = self._finished, []
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
+        if self.failure is not None:
             return outputs
+        plan = self.scheduler.schedule()
         try:
+            if not self._group_runs(plan):
+                return outputs
             logits = self._forward(plan)
-        except Exception:
+        except GroupError as exc:
+            self._fail_group(exc, outputs)
+            raise
+        except Exception as exc:
+            if self.lockstep is not None:
+                # a rank that leaves its collective sequence desynchronizes the group: break it
+                # (peers fail at once instead of at the timeout) and fail like a group error
+                self.lockstep.ctx.abandon(f"rank {self.lockstep.ctx.rank} failed its step: {exc!r}")
+                self._fail_group(GroupError(f"rank {self.lockstep.ctx.rank} failed its step: {exc!r}"), outputs)
+                raise
             # fail the requests of this step (each still gets its one terminal delta), keep the rest
             for entry in plan.scheduled:
                 self._terminate(entry.request, RequestStatus.FINISHED_ERROR, outputs)
@@ -222,7 +275,26 @@ class Engine:
                 self._append(entry.request, sampled.token_ids[row], logprobs, outputs)
         for entry in plan.scheduled:
             self._release_siblings(entry.request)
+        if self.lockstep is not None:
+            try:
+                self.lockstep.finish_step()  # the expert balancer may run a collective here
+            except GroupError as exc:
+                self._fail_group(exc, outputs)
+                raise
         return outputs
+
+    def _group_runs(self, plan: SchedulerOutput) -> bool:
+        """Whether this rank runs ``plan``; in a group, agree first and run the empty step if idle."""
+        if self.lockstep is None:
+            return not plan.is_empty
+        agreement = self.lockstep.agree(plan.num_batched_tokens)
+        if agreement.all_idle:
+            return False
+        if plan.is_empty:
+            self.model.idle_step()
+            self.lockstep.finish_step()
+            return False
+        return True
 
     def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """Logits [N, V] for the scheduled requests that sample this step, in schedule order."""
@@ -313,6 +385,7 @@ class Engine:
 __all__ = [
     "Engine",
     "EngineConfig",
+    "EngineFailedError",
     "RequestOutput",
     "RequestValidationError",
     "SamplingParams",

@@ -9,6 +9,11 @@ worker thread so the event loop keeps serving while the model computes.
 
 Every wait is bounded: an idle loop sleeps on an event with a timeout, and a step that raises
 fails the requests it held (``finish_reason`` ``error``) instead of hanging their streams.
+
+In an expert-parallel group the loop steps even without requests (each step is a collective its
+peers need; an all-idle step costs one small all-gather, then a short sleep), and ``stop()``
+leaves only when every rank of the group wants to stop. After a group failure the engine has
+already failed every request; the loop then serves like an idle engine and refuses new ones.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from k2serve.workers.engine import Engine, RequestOutput
+from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
 from k2serve.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,9 +39,10 @@ class _Add:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.05) -> None:
+    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.05, group_idle_poll_s: float = 0.005) -> None:
         self.engine = engine
         self._idle_poll_s = idle_poll_s
+        self._group_idle_poll_s = group_idle_poll_s
         self._commands: list[_Add | str] = []
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._wake = asyncio.Event()
@@ -98,23 +104,36 @@ class EngineLoop:
         self._wake.set()
 
     async def _run(self) -> None:
+        engine = self.engine
         while True:
             self._apply_commands()
-            if self._stopping and not self.engine.has_unfinished_requests():
+            idle = not engine.has_unfinished_requests()
+            lockstep = engine.lockstep if engine.steps_with_group else None
+            if lockstep is not None:
+                lockstep.stopping = self._stopping and idle
+                if lockstep.last is not None and lockstep.last.all_done:
+                    return
+            elif self._stopping and idle:
                 return
-            if not self.engine.has_unfinished_requests():
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._idle_poll_s)
-                except TimeoutError:
-                    pass
+            if idle and lockstep is None:
+                await self._sleep(self._idle_poll_s)
                 continue
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
+                outputs = await asyncio.to_thread(engine.step)
             except Exception:  # the step's requests were failed with finish_reason "error"
                 logger.exception("engine step failed")
-                outputs = self.engine.drain_finished()
+                outputs = engine.drain_finished()
             self._deliver(outputs)
+            if lockstep is not None and lockstep.last is not None and lockstep.last.all_idle:
+                await self._sleep(self._group_idle_poll_s)
+
+    async def _sleep(self, timeout_s: float) -> None:
+        """Wait for a command or the timeout, whichever comes first."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        except TimeoutError:
+            pass
 
     def _apply_commands(self) -> None:
         commands, self._commands = self._commands, []
@@ -130,7 +149,7 @@ class EngineLoop:
                     priority=command.priority,
                     cache_salt=command.cache_salt,
                 )
-            except ValueError as exc:
+            except (ValueError, EngineFailedError) as exc:
                 self._fail(command.request_id, exc)
         self._deliver(self.engine.drain_finished())
 

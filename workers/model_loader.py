@@ -7,12 +7,12 @@ caller then allocates the KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from k2serve.workers.config import ModelConfig
+from k2serve.workers.config import ExpertIds, ModelConfig
+from k2serve.workers.dispatcher import ExpertDispatcher
 from k2serve.workers.model.experts import ExpertWeightFormat
 from k2serve.workers.model.model import KimiK2ForCausalLM
 from k2serve.workers.weights import load_weights
@@ -23,12 +23,14 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    expert_ids: Sequence[int] | None = None,
+    expert_ids: ExpertIds | None = None,
     max_positions: int | None = None,
     progress: bool | None = None,
     expert_format: ExpertWeightFormat = "dense",
+    dispatcher: ExpertDispatcher | None = None,
 ) -> KimiK2ForCausalLM:
-    """``expert_format="int4"`` keeps the routed experts packed for the W4A16 kernels."""
+    """``expert_format="int4"`` keeps the routed experts packed for the W4A16 kernels; ``dispatcher``
+    (default local) is the rank's expert dispatcher, e.g. all-to-all in an EP group."""
     config = ModelConfig.from_model_dir(model_dir)
     weights = load_weights(
         model_dir,
@@ -43,6 +45,7 @@ def load_model(
     model = KimiK2ForCausalLM(
         config,
         expert_ids=expert_ids,
+        dispatcher=dispatcher,
         dtype=dtype,
         device=device,
         max_positions=max_positions,

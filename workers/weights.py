@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,10 +39,10 @@ from k2serve.workers.checkpoint_layout import (
     expert_weight_shapes,
 )
 from k2serve.workers.checkpoint_reader import CheckpointError, CheckpointReader
-from k2serve.workers.config import ModelConfig
+from k2serve.workers.config import ExpertIds, ModelConfig
 from k2serve.workers.int4 import dequantize_int4, num_groups, packed_cols
 
-__all__ = ["CheckpointError", "load_weights"]
+__all__ = ["CheckpointError", "load_expert_stacks", "load_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_weights(
     config: ModelConfig,
     *,
     dtype: torch.dtype = torch.float32,
-    expert_ids: Sequence[int] | None = None,
+    expert_ids: ExpertIds | None = None,
     keep_packed: bool = False,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
@@ -63,11 +63,12 @@ def load_weights(
     """Read the tensors of ``config`` from ``model_dir`` (see the module docstring for names).
 
     ``expert_ids``: the routed experts this rank owns, in slot order (default all; a repeated id is
-    a replica and gets a copy). ``progress``: a tqdm bar, by default when stderr is a terminal.
+    a replica and gets a copy), the same for every MoE layer or given per MoE layer id.
+    ``progress``: a tqdm bar, by default when stderr is a terminal.
     Raises ``CheckpointError`` for anything wrong with the files.
     """
-    local_ids = _local_expert_ids(config, expert_ids)
-    specs = expected_tensors(config, local_ids)
+    per_layer = config.experts_per_layer(expert_ids)
+    specs = expected_tensors(config, sorted({e for ids in per_layer.values() for e in ids}))
     show = sys.stderr.isatty() if progress is None else progress
     with CheckpointReader.open(model_dir) as reader:
         for spec in specs:
@@ -77,20 +78,43 @@ def load_weights(
             loader = _WeightLoader(reader, config, {s.name: s for s in specs}, dtype, torch.device(device), bar)
             weights = loader.non_expert_tensors(specs)
             for layer in config.moe_layer_ids:
-                weights.update(loader.expert_stacks(layer, local_ids, keep_packed))
+                weights.update(loader.expert_stacks(layer, per_layer[layer], keep_packed))
     if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return weights
 
 
-def _local_expert_ids(config: ModelConfig, expert_ids: Sequence[int] | None) -> tuple[int, ...]:
-    if expert_ids is None:
-        return tuple(range(config.n_routed_experts))
-    ids = tuple(int(e) for e in expert_ids)
-    bad = [e for e in ids if not 0 <= e < config.n_routed_experts]
-    if bad:
-        raise ValueError(f"expert_ids {bad} are outside [0, {config.n_routed_experts})")
-    return ids
+def load_expert_stacks(
+    model_dir: str | Path,
+    config: ModelConfig,
+    expert_ids: Mapping[int, Sequence[int]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    keep_packed: bool = False,
+    device: str | torch.device = "cpu",
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Only the routed-expert stacks of the given MoE layers (EPLB moving experts between ranks).
+
+    Returns {layer: {short name: stack}} with the short names of ``LocalExperts`` (``gate_up_proj``,
+    ``down_proj``, or ``*_packed``/``*_scale`` with ``keep_packed``), stacked in ``expert_ids[layer]`` order.
+    """
+    per_layer = {layer: tuple(int(e) for e in ids) for layer, ids in expert_ids.items()}
+    unknown = sorted(set(per_layer) - set(config.moe_layer_ids))
+    if unknown:
+        raise ValueError(f"expert_ids: layers {unknown} are not MoE layers of this model")
+    wanted = {e for ids in per_layer.values() for e in ids}
+    specs = [s for s in expected_tensors(config, sorted(wanted)) if s.expert is not None and s.layer in per_layer]
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    with CheckpointReader.open(model_dir) as reader:
+        for spec in specs:
+            _check_header(reader, spec)
+        with tqdm(total=len(specs), disable=True) as bar:
+            loader = _WeightLoader(reader, config, {s.name: s for s in specs}, dtype, torch.device(device), bar)
+            for layer, ids in per_layer.items():
+                prefix = f"model.layers.{layer}.mlp.experts."
+                stacks = loader.expert_stacks(layer, ids, keep_packed)
+                out[layer] = {name.removeprefix(prefix): t for name, t in stacks.items()}
+    return out
 
 
 def _check_header(reader: CheckpointReader, spec: TensorSpec) -> None:

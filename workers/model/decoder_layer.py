@@ -44,7 +44,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, device=device, dtype=dtype)
         self.mlp: MoE | MLP
         if config.is_moe_layer(layer_idx):
-            self.mlp = MoE(config, expert_ids, dispatcher, device=device, dtype=dtype, expert_format=expert_format)
+            self.mlp = MoE(
+                config,
+                expert_ids,
+                dispatcher,
+                device=device,
+                dtype=dtype,
+                expert_format=expert_format,
+                layer_id=layer_idx,
+            )
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
 

@@ -40,6 +40,13 @@ ExpertWeightFormat = Literal["dense", "int4"]
 EXPERT_WEIGHT_FORMATS: tuple[ExpertWeightFormat, ...] = ("dense", "int4")
 
 
+def _distinct_ids(expert_ids: Sequence[int], num_experts: int) -> tuple[int, ...]:
+    ids = tuple(int(e) for e in expert_ids)
+    if len(set(ids)) != len(ids) or any(not 0 <= e < num_experts for e in ids):
+        raise ValueError(f"expert_ids must be distinct ids in [0, {num_experts}), got {list(ids)}")
+    return ids
+
+
 class LocalExperts(nn.Module):
     logical_to_local: torch.Tensor  # [E] int64, non-persistent
     gate_up_proj_packed: torch.Tensor  # int4 format only, see the module docstring
@@ -55,13 +62,14 @@ class LocalExperts(nn.Module):
         device: torch.device | str | None,
         dtype: torch.dtype,
         weight_format: ExpertWeightFormat = "dense",
+        layer_id: int = -1,
     ) -> None:
         super().__init__()
-        ids = tuple(int(e) for e in expert_ids)
-        if len(set(ids)) != len(ids) or any(not 0 <= e < config.n_routed_experts for e in ids):
-            raise ValueError(f"expert_ids must be distinct ids in [0, {config.n_routed_experts}), got {list(ids)}")
+        ids = _distinct_ids(expert_ids, config.n_routed_experts)
         if weight_format not in EXPERT_WEIGHT_FORMATS:
             raise ValueError(f"weight_format {weight_format!r}; expected one of {EXPERT_WEIGHT_FORMATS}")
+        self.layer_id = layer_id  # the model layer this block belongs to (the dispatcher routes per layer)
+        self.num_routed_experts = config.n_routed_experts
         self.expert_ids = ids
         self.intermediate_size = config.moe_intermediate_size
         self.weight_format: ExpertWeightFormat = weight_format
@@ -72,9 +80,34 @@ class LocalExperts(nn.Module):
             self.down_proj = nn.Parameter(torch.empty(len(ids), hidden, inter, device=device, dtype=dtype))
         else:
             self._register_packed(config, len(ids), device=device, dtype=dtype)
-        table = torch.full((config.n_routed_experts,), -1, dtype=torch.int64)
+        self.register_buffer("logical_to_local", self._local_table(ids, device), persistent=False)  # [E]
+
+    def _local_table(self, ids: tuple[int, ...], device: torch.device | str | None) -> torch.Tensor:
+        table = torch.full((self.num_routed_experts,), -1, dtype=torch.int64)  # [E], -1 = not held here
         table[list(ids)] = torch.arange(len(ids), dtype=torch.int64)
-        self.register_buffer("logical_to_local", table.to(device), persistent=False)  # [E], -1 = not here
+        return table.to(device)
+
+    def replace_experts(self, expert_ids: Sequence[int], stacks: dict[str, torch.Tensor]) -> None:
+        """Hold ``expert_ids`` from now on (same count, new ids; EPLB rebalancing between steps).
+
+        ``stacks``: this layer's expert tensors by their short name (``gate_up_proj``, ``down_proj``,
+        or the int4 ``*_packed``/``*_scale`` names), [E_local, ...] in ``expert_ids`` order, as
+        ``weights.load_expert_stacks`` returns them. Copied into the existing storage, so the
+        memory of a rank does not grow.
+        """
+        ids = _distinct_ids(expert_ids, self.num_routed_experts)
+        if len(ids) != self.num_local_experts:
+            raise ValueError(f"expert_ids: a rank keeps {self.num_local_experts} slots, got {len(ids)} ids")
+        own = dict(self.named_parameters(recurse=False)) | {
+            n: b for n, b in self.named_buffers(recurse=False) if n != "logical_to_local"
+        }
+        if set(stacks) != set(own):
+            raise ValueError(f"stacks: expected tensors {sorted(own)}, got {sorted(stacks)}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(stacks[name])
+        self.expert_ids = ids
+        self.logical_to_local = self._local_table(ids, self.logical_to_local.device)
 
     def _register_packed(
         self, config: ModelConfig, num_experts: int, *, device: torch.device | str | None, dtype: torch.dtype

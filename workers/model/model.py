@@ -21,18 +21,19 @@ Legend: T = new tokens, N = rows that get logits, H = hidden_size, V = vocab_siz
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from k2serve.workers.config import ModelConfig
+from k2serve.workers.config import ExpertIds, ModelConfig
 from k2serve.workers.dispatcher import ExpertDispatcher, LocalDispatcher
 from k2serve.workers.model.attention_plan import AttentionForm, plan_attention
 from k2serve.workers.model.decoder_layer import DecoderLayer
 from k2serve.workers.model.experts import ExpertWeightFormat
 from k2serve.workers.model.forward_batch import ForwardBatch
 from k2serve.workers.model.linear import embedding, linear
+from k2serve.workers.model.moe import MoE
 from k2serve.workers.model.rmsnorm import RMSNorm
 from k2serve.workers.model.rotary import RotaryEmbedding
 
@@ -43,7 +44,7 @@ class KimiK2Model(nn.Module):
     def __init__(
         self,
         config: ModelConfig,
-        expert_ids: Sequence[int],
+        expert_ids: Mapping[int, Sequence[int]],
         dispatcher: ExpertDispatcher,
         *,
         max_positions: int,
@@ -54,7 +55,9 @@ class KimiK2Model(nn.Module):
         super().__init__()
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, expert_ids, dispatcher, device=device, dtype=dtype, expert_format=expert_format)
+            DecoderLayer(
+                config, i, expert_ids.get(i, ()), dispatcher, device=device, dtype=dtype, expert_format=expert_format
+            )
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
@@ -80,7 +83,7 @@ class KimiK2ForCausalLM(nn.Module):
         self,
         config: ModelConfig,
         *,
-        expert_ids: Sequence[int] | None = None,
+        expert_ids: ExpertIds | None = None,
         dispatcher: ExpertDispatcher | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -88,7 +91,8 @@ class KimiK2ForCausalLM(nn.Module):
         attention_form: AttentionForm = "auto",
         expert_format: ExpertWeightFormat = "dense",
     ) -> None:
-        """``expert_ids``: logical routed experts held here, in local order (default: all).
+        """``expert_ids``: logical routed experts held here, in local order (default: all), the same for
+        every MoE layer or per MoE layer id.
         ``max_positions``: rope table length (default ``config.max_position_embeddings``).
         ``dtype``: default ``config.torch_dtype``.
         ``expert_format``: "dense" (dequantized stacks) or "int4" (packed words and scales, the
@@ -99,11 +103,11 @@ class KimiK2ForCausalLM(nn.Module):
             raise ValueError("tie_word_embeddings: Kimi K2 / DeepSeek-V3 checkpoints have an untied lm_head")
         self.config = config
         dtype = dtype if dtype is not None else getattr(torch, config.torch_dtype)
-        self.expert_ids = tuple(expert_ids) if expert_ids is not None else tuple(range(config.n_routed_experts))
+        per_layer = config.experts_per_layer(expert_ids)
         self.attention_form: AttentionForm = attention_form
         self.model = KimiK2Model(
             config,
-            self.expert_ids,
+            per_layer,
             dispatcher if dispatcher is not None else LocalDispatcher(),
             max_positions=max_positions if max_positions is not None else config.max_position_embeddings,
             device=device,
@@ -111,6 +115,17 @@ class KimiK2ForCausalLM(nn.Module):
             expert_format=expert_format,
         )
         self.lm_head = linear(config.hidden_size, config.vocab_size, device=device, dtype=dtype)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE blocks, in layer order."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    @torch.no_grad()
+    def idle_step(self) -> None:
+        """An EP group's empty step: join every MoE layer's dispatch collective with no tokens, in the
+        order a forward would, so the peers that do have tokens never wait on this rank."""
+        for moe in self.moe_layers():
+            moe.idle()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -85,15 +85,24 @@ class MoE(nn.Module):
         device: torch.device | str | None,
         dtype: torch.dtype,
         expert_format: ExpertWeightFormat = "dense",
+        layer_id: int = -1,
     ) -> None:
         super().__init__()
         self.dispatcher = dispatcher
         self.gate = MoEGate(config, device=device, dtype=dtype)
-        self.experts = LocalExperts(config, expert_ids, device=device, dtype=dtype, weight_format=expert_format)
+        self.experts = LocalExperts(
+            config, expert_ids, device=device, dtype=dtype, weight_format=expert_format, layer_id=layer_id
+        )
         self.shared_experts: MLP | None = None
         if config.n_shared_experts > 0:
             shared_size = config.moe_intermediate_size * config.n_shared_experts
             self.shared_experts = MLP(config.hidden_size, shared_size, device=device, dtype=dtype)
+
+    def idle(self) -> None:
+        """Join this layer's dispatch collective with no tokens (an idle rank of an EP group)."""
+        hidden = self.gate.weight.new_empty(0, self.gate.weight.shape[1])  # [0, H]
+        ids = torch.empty(0, self.gate.top_k, dtype=torch.int64, device=hidden.device)  # [0, K]
+        self.dispatcher.dispatch(hidden, ids, torch.empty(ids.shape, device=hidden.device), self.experts)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H] -> [T, H]
