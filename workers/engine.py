@@ -16,6 +16,17 @@ on their token counts first, and a rank with nothing scheduled runs the model's 
 any peer has work. If a collective fails (``GroupError``: a peer died or is stuck), every request
 of this rank ends with ``finish_reason`` ``error`` and the group's message, the engine refuses new
 requests (``EngineFailedError``), and its owner must restart the rank.
+
+Disaggregated serving (prefill and decode on different ranks):
+- prefill role: ``add_request(..., hold_kv=True)`` with ``max_tokens=1``; when the request ends, its
+  prompt's blocks stay pinned (``held_kv``: block ids, token count, the sampler's generator state)
+  until ``release_kv`` — the KV transfer reads them meanwhile, from another thread: pinned blocks
+  are never written or reallocated;
+- decode role: ``reserve_kv(request_id, num_tokens)`` allocates the blocks the transfer writes into
+  (from another thread: no step touches a reservation), then ``add_prefilled_request`` admits the
+  request with its prompt already computed and its first token already sampled; it decodes from
+  there, and a preemption recomputes everything locally. ``cancel_reservation`` gives the blocks back
+  when the transfer fails.
 """
 
 from __future__ import annotations
@@ -58,6 +69,18 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache (or shared with an n > 1 sibling)
+    transferred_tokens: int = 0  # prompt tokens whose KV came from a prefill rank (disaggregated decode)
+
+
+@dataclass(frozen=True)
+class HeldKv:
+    """A prefilled request's pinned prompt blocks (prefill role), until ``release_kv``."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_tokens: int  # prompt tokens whose rows the blocks hold
+    first_token_id: int
+    sampler_state: bytes  # generator state after the first token (b"" when it did not draw)
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,8 @@ class Engine:
         self._children: dict[str, list[str]] = {}  # parent id -> child ids
         self._pending_siblings: dict[str, list[Request]] = {}  # child-0 id -> siblings waiting for its prompt
         self._finished: list[RequestOutput] = []  # terminal deltas produced outside a step (aborts)
+        self._held: dict[str, HeldKv] = {}  # prefill role: pinned prompt blocks by request id
+        self._reserved: set[str] = set()  # decode role: request ids holding blocks for an incoming transfer
         self._arrivals = 0
 
     # ---- admission -------------------------------------------------------------------------------------
@@ -118,16 +143,20 @@ class Engine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        hold_kv: bool = False,
     ) -> None:
         """Validate and queue a request; raises ``RequestValidationError``/``SamplingParamsError`` naming the field,
-        ``EngineFailedError`` after a group failure."""
+        ``EngineFailedError`` after a group failure. ``hold_kv``: the prefill role (module docstring)."""
         if self.failure is not None:
             raise EngineFailedError(f"this rank's expert-parallel group failed: {self.failure}")
         prompt = self._validate(request_id, prompt_token_ids, params)
+        if hold_kv and params.n != 1:
+            raise RequestValidationError("n", "a prefill for disaggregated decoding takes n = 1")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len - len(prompt)
         children = [
             self._make_child(request_id, i, prompt, params, max_tokens, priority, cache_salt) for i in range(params.n)
         ]
+        children[0].hold_kv = hold_kv
         self._children[request_id] = [c.request_id for c in children]
         for child in children:
             self._requests[child.request_id] = child
@@ -138,7 +167,7 @@ class Engine:
     def _validate(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> tuple[int, ...]:
         if not isinstance(request_id, str) or not request_id:
             raise RequestValidationError("request_id", "must be a non-empty string")
-        if request_id in self._children:
+        if request_id in self._children or request_id in self._held:
             raise RequestValidationError("request_id", f"{request_id!r} is already running")
         prompt = tuple(int(t) for t in prompt_token_ids)
         if not prompt:
@@ -337,6 +366,8 @@ class Engine:
         tokens: tuple[int, ...] = (),
         logprobs: tuple[object, ...] | None = None,
     ) -> None:
+        if request.hold_kv and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self._hold(request)
         self.scheduler.finish(request, status)
         self._requests.pop(request.request_id, None)
         parent = request.parent_id or request.request_id
@@ -346,10 +377,108 @@ class Engine:
         outputs.append(self._final_output(request, tokens, logprobs))
         self._release_siblings(request)
 
+    # ---- disaggregation (see the module docstring) ---------------------------------------------------------
+
+    def _hold(self, request: Request) -> None:
+        blocks = self.kv.block_table(request.request_id)[: -(-request.num_prompt_tokens // self.config.block_size)]
+        self.pool.incref(blocks)  # the finish that follows drops the request's own reference
+        self._held[request.request_id] = HeldKv(
+            request.request_id,
+            tuple(blocks),
+            request.num_prompt_tokens,
+            request.output_token_ids[0],
+            request.sampling.generator_state(),
+        )
+
+    def held_kv(self, request_id: str) -> HeldKv | None:
+        return self._held.get(request_id)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Unpin a prefilled request's blocks (transfer acknowledged, aborted or expired)."""
+        held = self._held.pop(request_id, None)
+        if held is None:
+            return False
+        self.pool.free(reversed(held.block_ids))
+        return True
+
+    @property
+    def num_held_blocks(self) -> int:
+        return sum(len(h.block_ids) for h in self._held.values())
+
+    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for ``num_tokens`` incoming prompt rows, in token order; None when the cache is short."""
+        if request_id in self._children or request_id in self._reserved or request_id in self.kv:
+            raise RequestValidationError("request_id", f"{request_id!r} is already running")
+        if num_tokens < 1:
+            raise RequestValidationError("num_tokens", f"must be >= 1, got {num_tokens}")
+        if not self.kv.allocate(request_id, num_tokens):
+            return None
+        self._reserved.add(request_id)
+        return self.kv.block_table(request_id)
+
+    def cancel_reservation(self, request_id: str) -> None:
+        if request_id in self._reserved:
+            self._reserved.discard(request_id)
+            self.kv.free(request_id)
+
+    @property
+    def num_reserved_requests(self) -> int:
+        return len(self._reserved)
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        first_token_id: int,
+        *,
+        sampler_state: bytes = b"",
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Admit a request whose prompt KV is in its reservation and whose first token was sampled
+        elsewhere; it continues with token 2. The first token is not emitted again."""
+        if self.failure is not None:
+            raise EngineFailedError(f"this rank's expert-parallel group failed: {self.failure}")
+        if request_id not in self._reserved:
+            raise RequestValidationError("request_id", f"{request_id!r} has no KV reservation (reserve_kv first)")
+        prompt = tuple(int(t) for t in prompt_token_ids)
+        if len(self.kv.block_table(request_id)) * self.config.block_size < len(prompt):
+            raise RequestValidationError("prompt_token_ids", "longer than the reservation made for it")
+        if params.n != 1:
+            raise RequestValidationError("n", "disaggregated decoding takes n = 1")
+        self._reserved.discard(request_id)
+        try:
+            prompt = self._validate(request_id, prompt, params)
+            if not 0 <= first_token_id < self.model.config.vocab_size:
+                raise RequestValidationError("first_token_id", f"{first_token_id} is outside the vocabulary")
+        except ValueError:
+            self.kv.free(request_id)
+            raise
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len - len(prompt)
+        request = self._make_child(request_id, 0, prompt, params, max_tokens, priority, cache_salt)
+        request.sampling.restore_generator(sampler_state, self.model.device)
+        request.append_output(first_token_id)
+        request.num_computed_tokens = len(prompt)
+        request.num_cached_tokens = 0
+        request.num_transferred_tokens = len(prompt)
+        self._children[request_id] = [request_id]
+        self._requests[request_id] = request
+        status = request.check_stop(self.config.max_model_len)
+        if status is not None:  # the first token already ended it: one terminal delta, no step
+            self._terminate(request, status, self._finished)
+            return
+        self.scheduler.add(request)
+
     def _final_output(
         self, request: Request, tokens: tuple[int, ...], logprobs: tuple[object, ...] | None
     ) -> RequestOutput:
-        usage = Usage(request.num_prompt_tokens, request.num_output_tokens, max(request.num_cached_tokens, 0))
+        usage = Usage(
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+            max(request.num_cached_tokens, 0),
+            request.num_transferred_tokens,
+        )
         return RequestOutput(
             request.parent_id or request.request_id,
             request.index,
@@ -386,6 +515,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineFailedError",
+    "HeldKv",
     "RequestOutput",
     "RequestValidationError",
     "SamplingParams",

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
 from k2serve.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,15 @@ class _Add:
     params: SamplingParams
     priority: int
     cache_salt: str | None
+    hold_kv: bool = False  # prefill role
+    first_token_id: int | None = None  # decode role: admitted with its prompt KV already in place
+    sampler_state: bytes = b""
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Engine], Any]
+    done: asyncio.Future[Any]
 
 
 class EngineLoop:
@@ -43,7 +54,7 @@ class EngineLoop:
         self.engine = engine
         self._idle_poll_s = idle_poll_s
         self._group_idle_poll_s = group_idle_poll_s
-        self._commands: list[_Add | str] = []
+        self._commands: list[_Add | _Call | str] = []
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -70,17 +81,56 @@ class EngineLoop:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        hold_kv: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the deltas of one request. Validation errors raise here, before the first delta."""
+        """Stream the deltas of one request; a refused request raises on the first iteration.
+        ``hold_kv``: the prefill role (``Engine.add_request``)."""
+        add = _Add(request_id, tuple(prompt_token_ids), params, priority, cache_salt, hold_kv=hold_kv)
+        return self._submit(add)
+
+    async def generate_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        first_token_id: int,
+        *,
+        sampler_state: bytes = b"",
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the tokens after ``first_token_id`` of a request whose prompt KV is in its reservation
+        (``Engine.add_prefilled_request``)."""
+        add = _Add(
+            request_id,
+            tuple(prompt_token_ids),
+            params,
+            priority,
+            cache_salt,
+            first_token_id=first_token_id,
+            sampler_state=sampler_state,
+        )
+        return self._submit(add)
+
+    async def call(self, fn: Callable[[Engine], T], timeout_s: float = 30.0) -> T:
+        """Run ``fn(engine)`` on the loop's task between two steps and return its result (or raise its error)."""
+        if self._task is None:
+            raise RuntimeError("the engine loop is not running")
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._commands.append(_Call(fn, done))
+        self._wake.set()
+        return await asyncio.wait_for(done, timeout_s)
+
+    def _submit(self, add: _Add) -> AsyncIterator[RequestOutput]:
         if self._stopping or self._task is None:
             raise RuntimeError("the engine loop is not running")
-        if request_id in self._streams:
-            raise ValueError(f"request_id: {request_id!r} is already running")
+        if add.request_id in self._streams:
+            raise ValueError(f"request_id: {add.request_id!r} is already running")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = queue
-        self._commands.append(_Add(request_id, tuple(prompt_token_ids), params, priority, cache_salt))
+        self._streams[add.request_id] = queue
+        self._commands.append(add)
         self._wake.set()
-        return self._drain(request_id, queue, params.n)
+        return self._drain(add.request_id, queue, add.params.n)
 
     async def _drain(
         self, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException], num_choices: int
@@ -140,18 +190,43 @@ class EngineLoop:
         for command in commands:
             if isinstance(command, str):
                 self.engine.abort(command)
-                continue
-            try:
+            elif isinstance(command, _Call):
+                self._run_call(command)
+            else:
+                self._add(command)
+        self._deliver(self.engine.drain_finished())
+
+    def _add(self, command: _Add) -> None:
+        try:
+            if command.first_token_id is None:
                 self.engine.add_request(
                     command.request_id,
                     command.prompt_token_ids,
                     command.params,
                     priority=command.priority,
                     cache_salt=command.cache_salt,
+                    hold_kv=command.hold_kv,
                 )
-            except (ValueError, EngineFailedError) as exc:
-                self._fail(command.request_id, exc)
-        self._deliver(self.engine.drain_finished())
+            else:
+                self.engine.add_prefilled_request(
+                    command.request_id,
+                    command.prompt_token_ids,
+                    command.params,
+                    command.first_token_id,
+                    sampler_state=command.sampler_state,
+                    priority=command.priority,
+                    cache_salt=command.cache_salt,
+                )
+        except (ValueError, EngineFailedError) as exc:
+            self._fail(command.request_id, exc)
+
+    def _run_call(self, command: _Call) -> None:
+        if command.done.done():  # the caller gave up (timeout, cancellation)
+            return
+        try:
+            command.done.set_result(command.fn(self.engine))
+        except Exception as exc:
+            command.done.set_exception(exc)
 
     def _deliver(self, outputs: Sequence[RequestOutput]) -> None:
         for output in outputs:

@@ -66,6 +66,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache; -1 until first scheduled
     num_preemptions: int = 0
+    hold_kv: bool = False  # prefill role: keep the prompt's blocks pinned when the request ends
+    num_transferred_tokens: int = 0  # decode role: prompt tokens whose KV came from a prefill rank
 
     @property
     def num_prompt_tokens(self) -> int:

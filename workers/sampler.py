@@ -90,6 +90,21 @@ class SamplingState:
             raise ValueError(f"generator: this sequence samples on {self._generator.device}, not {device}")
         return self._generator
 
+    def generator_state(self) -> bytes:
+        """The generator's state after the draws so far (b"" if it never drew): a PD handoff carries it
+        so the decode rank continues the seeded stream the prefill rank started."""
+        if self._generator is None:
+            return b""
+        return bytes(self._generator.get_state().numpy().tobytes())
+
+    def restore_generator(self, state: bytes, device: torch.device) -> None:
+        """Continue from ``generator_state()`` of another rank (b"" = start from the seed)."""
+        if not state:
+            return
+        generator = torch.Generator(device=device)
+        generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        self._generator = generator
+
     def output_ids_tensor(self) -> torch.Tensor:
         """The output ids as a CPU int64 tensor ``[num_output_tokens]``; copies only the new ones."""
         n = len(self.output_token_ids)
