@@ -1,4 +1,12 @@
-"""Ray composition root: cluster config, placement, worker actors, controller, registry.
+"""Ray composition root: cluster config, Ray runtime, worker actors, controller, registry (DESIGN.md §2).
 
-Ray is imported only inside this package (DESIGN.md §3); the Ray pools arrive with the cluster issue.
+- ``config`` / ``pool_config`` / ``config_reader`` / ``config_error``: ``ClusterConfig`` from one YAML file.
+- ``ray_runtime``: start an embedded local Ray (token auth on) or connect to a cluster.
+- ``worker_actor``: ``WorkerActor``, one rank of an expert-parallel group in a Ray actor.
+- ``worker_group`` / ``placement`` / ``rank_plan`` / ``health_probe`` / ``restart_policy``: one group's
+  placement group, actors, start, health and stop; what each rank runs; back-off.
+- ``controller`` / ``controller_handle``: the ``Controller`` actor (desired vs live state) and its driver API.
+- ``registry`` / ``registry_client`` / ``worker_record``: the ``Registry.Watch`` gRPC stream of the live set.
+
+Ray is imported only inside this package (DESIGN.md §3).
 """

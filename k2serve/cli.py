@@ -43,6 +43,12 @@ def _bench_ep(args: argparse.Namespace) -> int:
     return run_bench_ep(args)
 
 
+def _bench_kv_transfer(args: argparse.Namespace) -> int:
+    from k2serve.bench_kv_transfer import run_bench_kv_transfer
+
+    return run_bench_kv_transfer(args)
+
+
 def _bench_kernels(args: argparse.Namespace) -> int:
     from k2serve.kernels.bench import run_bench_kernels
 
@@ -80,6 +86,31 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_worker)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from k2serve.serve import run_serve
+
+    return run_serve(args)
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, text in (
+        ("serve", "start Ray, the worker pools and the router on this machine (MODEL_DIR, --demo or --config)"),
+        ("cluster", "head node: start or join Ray, the controller, the pools of --config FILE and the router"),
+    ):
+        p = sub.add_parser(name, help=text)
+        if name == "serve":
+            p.add_argument("model", nargs="?", help="model folder (one prefill and one decode group of EP=2)")
+            p.add_argument("--demo", action="store_true", help="the tiny model, written to --demo-dir on first use")
+            p.add_argument("--demo-dir", default=os.environ.get("K2SERVE_DEMO_DIR", "~/.cache/k2serve/demo-tiny"))
+        p.add_argument("--config", type=Path, default=None, required=name == "cluster", help="cluster YAML")
+        p.add_argument("--colocated", action="store_true", help="one colocated pool instead of prefill + decode")
+        p.add_argument("--host", default=None, help="router interface (default from the config: 127.0.0.1)")
+        p.add_argument("--port", type=int, default=None, help="router HTTP port (0 = any free port)")
+        p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every group")
+        p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+        p.set_defaults(func=_serve)
+
+
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="benchmarks (results go to docs/BENCHMARKS.md with --write)")
     which = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -108,6 +139,17 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ep.add_argument("--timeout", type=float, default=1800.0, help="seconds one group may run")
     ep.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     ep.set_defaults(func=_bench_ep)
+    kv = which.add_parser("kv-transfer", help="KV transfer GB/s between two processes (p2p, gRPC) vs a raw send")
+    kv.add_argument("--model", nargs="+", metavar="DIR", help="model folders (e.g. the tiny and small presets)")
+    kv.add_argument("--presets", nargs="+", choices=("tiny", "small"), help="built-in presets instead of folders")
+    kv.add_argument("--tokens", type=int, nargs="+", default=(1024, 8192, 32768), help="prompt lengths")
+    kv.add_argument("--reps", type=int, default=5, help="timed repetitions per method (at least 5, after 1 warm-up)")
+    kv.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    kv.add_argument("--block-size", type=int, default=16)
+    kv.add_argument("--threads", type=int, default=1, help="torch threads in each of the two processes")
+    kv.add_argument("--timeout", type=float, default=120.0, help="seconds any one transfer may take")
+    kv.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
+    kv.set_defaults(func=_bench_kv_transfer)
     kernels = which.add_parser("kernels", help="GPU kernel roofline benchmark (needs CUDA)")
     kernels.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     kernels.add_argument("--quick", action="store_true", help="a few cells only (a smoke run, not for the record)")
@@ -152,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_worker(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -55,7 +55,7 @@ def run_worker(args: argparse.Namespace) -> int:
             if args.ep_rank != 0 or not args.rendezvous:
                 raise ValueError("--host-store: only rank 0 hosts the store, at --rendezvous HOST:PORT")
             where = Rendezvous.parse(args.rendezvous)
-            stack.enter_context(_Kept(host_store(where.host, args.ep_size, port=where.port, timeout_s=args.timeout)))
+            stack.enter_context(_Kept(host_store(where.host, port=where.port, timeout_s=args.timeout)))
         rank = GroupRank.build(spec)
         stack.callback(rank.close)
         out: IO[str] = stack.enter_context(args.output.open("w")) if args.output else sys.stdout

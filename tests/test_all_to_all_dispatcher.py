@@ -27,7 +27,7 @@ LAYER = 1  # the tiny preset's first MoE layer
 
 def _run_ranks(size: int, body: Callable[[ParallelContext], Any], timeout_s: float = 5.0) -> list[Any]:
     """Run ``body(ctx)`` on ``size`` threads, one group member each; returns results or raised exceptions."""
-    store = host_store("127.0.0.1", size, timeout_s=timeout_s)
+    store = host_store("127.0.0.1", timeout_s=timeout_s)
     results: list[Any] = [None] * size
 
     def member(rank: int) -> None:

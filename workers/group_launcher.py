@@ -108,7 +108,7 @@ def launch_group(
         raise ValueError("requests_per_rank: need at least one rank")
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    store = host_store("127.0.0.1", size, timeout_s=timeout_s)
+    store = host_store("127.0.0.1", timeout_s=timeout_s)
     child_env = dict(os.environ) | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"} | dict(env or {})
     procs: list[subprocess.Popen[bytes]] = []
     group = LaunchedGroup(work, procs, store)

@@ -17,6 +17,7 @@ its requests and be restarted by its owner.
 from __future__ import annotations
 
 import datetime
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -61,20 +62,33 @@ class Rendezvous:
         return f"{self.host}:{self.port}"
 
 
-def host_store(host: str, size: int, *, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:
-    """Start the group's store server on ``host`` (port 0 = any free port: read ``.port``).
+def host_store(host: str, *, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:
+    """Start a store server listening on ``host`` only (port 0 = any free port: read ``.port``).
 
-    Binds ``host`` only, never every interface unless the caller names 0.0.0.0 on purpose. The
-    server lives as long as the returned object; the ranks connect to it as clients.
+    ``TCPStore`` given a host and port still listens on every interface, so the socket is bound
+    here and handed over; 0.0.0.0 is reached only when the caller names it. The server lives as
+    long as the returned object; ranks connect to it as clients.
     """
-    return dist.TCPStore(
-        host,
-        port,
-        size + 1,  # the ranks plus this server-only handle
-        is_master=True,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        store = dist.TCPStore(
+            host,
+            sock.getsockname()[1],
+            None,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            master_listen_fd=sock.fileno(),
+        )
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now
+    return store
 
 
 @dataclass

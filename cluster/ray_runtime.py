@@ -1,0 +1,163 @@
+"""``RayRuntime``: start an embedded local Ray instance, or connect to an existing cluster; shut it down.
+
+Lifecycle: ``RayRuntime.start(settings)`` -> the controller and its actors run -> ``shutdown()``.
+``ray.init`` runs from a neutral working directory (a fresh temporary folder, or ``workdir``):
+Ray puts the driver's working directory on every worker's ``sys.path``, and a repository checkout
+there would shadow the installed ``k2serve`` packages (DESIGN.md §1). The previous working
+directory is restored right after ``ray.init``; the temporary folder is removed at shutdown.
+
+Token authentication (Ray >= 2.52; checked against the installed Ray 2.60 source,
+``ray/_private/authentication``). Ray reads its mode from the ``RAY_AUTH_MODE`` environment
+variable of every Ray process and its token from ``RAY_AUTH_TOKEN``, else the file named by
+``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``. With ``ray.auth: token`` (the default):
+
+- embedded instance: ``RAY_AUTH_MODE=token`` is set before ``ray.init``, so the GCS, the raylet
+  and every worker process it starts require the token on every Ray RPC. If no token exists
+  (none of the three sources above, and none passed as ``auth_token``), a random 256-bit token is
+  generated for this instance and handed to Ray through ``RAY_AUTH_TOKEN`` in this process's
+  environment (inherited by the processes Ray starts); nothing is written to disk. Ray's own
+  default would write ``~/.ray/auth_token``; we avoid touching the home folder.
+- existing cluster (``ray.address``): ``RAY_AUTH_MODE=token`` is set too (Ray does not enable it
+  by itself for an explicit address); the token is ``auth_token`` when given, else Ray's own
+  sources above. A missing token fails in ``ray.init`` with Ray's ``AuthenticationError``.
+
+With ``ray.auth: disabled``, ``RAY_AUTH_MODE=disabled`` is set explicitly (Ray 2.60 would otherwise
+enable token mode for a new local instance by itself). The environment variables set here are put
+back as they were at ``shutdown()``. Our own gRPC services (workers, registry) are a separate
+matter: they bind ``network.interface_host`` only and speak protobuf only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from k2serve.cluster.config import RaySettings
+
+logger = logging.getLogger(__name__)
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+
+
+@dataclass
+class RayRuntime:
+    settings: RaySettings
+    embedded: bool  # True: this process started the instance and shuts it down
+    auth: str  # "token" or "disabled", as enabled for this instance
+    generated_token: bool = False  # a per-instance token was made because none existed
+    _workdir: Path | None = None  # the temporary neutral folder we created (removed at shutdown)
+    _saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls, settings: RaySettings, *, workdir: str | Path | None = None, auth_token: str | None = None
+    ) -> RayRuntime:
+        """Start (``settings.address`` is None) or connect (otherwise). Raises if Ray is already up here."""
+        if ray.is_initialized():
+            raise RuntimeError("Ray is already initialized in this process; shut it down or reuse that instance")
+        embedded = settings.address is None
+        runtime = cls(settings=settings, embedded=embedded, auth=settings.auth)
+        runtime._configure_auth(auth_token)
+        neutral = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="k2serve-ray-"))
+        if workdir is None:
+            runtime._workdir = neutral
+        try:
+            with _working_directory(neutral):
+                if embedded:
+                    ray.init(
+                        num_cpus=settings.num_cpus,
+                        include_dashboard=False,
+                        namespace=settings.namespace,
+                    )
+                else:
+                    ray.init(address=settings.address, namespace=settings.namespace)
+        except BaseException:
+            runtime._restore()
+            raise
+        logger.info(
+            "ray %s (%s, namespace %s, auth %s)",
+            "started" if embedded else "connected",
+            settings.address or "embedded",
+            settings.namespace,
+            runtime.auth,
+        )
+        return runtime
+
+    def shutdown(self) -> None:
+        """Disconnect (and stop the embedded instance); restore the environment. Idempotent."""
+        if ray.is_initialized():
+            ray.shutdown()
+        self._restore()
+
+    def _configure_auth(self, auth_token: str | None) -> None:
+        if self.settings.auth == "disabled":
+            self._set_env(AUTH_MODE_ENV, "disabled")
+            _reload_ray_auth()
+            return
+        self._set_env(AUTH_MODE_ENV, "token")
+        if auth_token is not None:
+            self._set_env(AUTH_TOKEN_ENV, auth_token)
+        elif self.embedded and not _token_available():
+            self._set_env(AUTH_TOKEN_ENV, secrets.token_hex(32))
+            self.generated_token = True
+        _reload_ray_auth()
+
+    def _set_env(self, name: str, value: str) -> None:
+        self._saved_env.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
+
+    def _restore(self) -> None:
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if self._saved_env:
+            self._saved_env.clear()
+            _reload_ray_auth()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray see the environment just set: Ray caches its config (the auth mode)
+    and the token when ``ray`` is imported, and refreshes them the same way when it enables token
+    auth itself (``ray._private.authentication.authentication_token_setup._enable_token_auth``)."""
+    raylet: Any = ray._raylet
+    raylet.Config.initialize("")
+    loader = getattr(raylet, "AuthenticationTokenLoader", None)
+    if loader is not None:
+        loader.instance().reset_cache()
+
+
+def _token_available() -> bool:
+    """Whether Ray would find a token by itself (the env variable, the named file, the default file)."""
+    if os.environ.get(AUTH_TOKEN_ENV):
+        return True
+    named = os.environ.get(AUTH_TOKEN_PATH_ENV)
+    if named:
+        return Path(named).is_file()
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)

@@ -1,0 +1,422 @@
+"""``k2serve bench kv-transfer``: KV transfer throughput between two processes over loopback, against a raw send.
+
+Lifecycle: this process plays the prefill rank. It hosts a ``P2pKvServer``, a gRPC server that
+answers ``PullKv`` and one fresh 2-rank gloo group for the raw baseline. It spawns the decode rank
+(``python -m k2serve.bench_kv_transfer --peer ...``) and drives it with one JSON line per command
+on its stdin; the peer answers one JSON line on its stdout. For every model and prompt length: both
+sides allocate a random paged cache with shuffled block ids, then, per method, 1 warm-up and
+``--reps`` timed repetitions:
+
+- ``p2p``: the default transport (``P2pKvServer`` / ``P2pKvClient``, gloo pair group, cached);
+- ``p2p-nocopy``: the same transport between a source that hands out ready rows and a sink that
+  drops them. That is the protocol's own cost, without the gather from and scatter into the pages;
+- ``grpc``: the ``PullKv`` stream (``kv_chunks`` / ``GrpcKvReceiver``);
+- ``raw``: one ``send`` of a [nbytes] uint8 tensor over the baseline group, then a 1-value
+  acknowledgement back (the transports end with one too).
+
+Each repetition is timed on this side from writing the command to reading the peer's "done", so
+every method pays the same pipe round trip. GB/s = rows moved (num_layers × num_tokens ×
+row_dim × dtype size) / median seconds; the ratios are against ``raw`` of the same case. After the
+timed runs the peer's CRC32 of the received rows is checked against the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from k2serve.kernels.bench_report import write_section
+from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.workers.config import ModelConfig
+from k2serve.workers.kv_transfer import (
+    CacheKvSink,
+    CacheKvSource,
+    KvLayout,
+    KvSink,
+    KvSource,
+    TransferState,
+    dtype_from_name,
+    raw_bytes,
+)
+from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
+from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer, PointToPointBackend, connect_pair_group
+from k2serve.workers.parallel import Rendezvous
+
+HOST = "127.0.0.1"
+SENDER, RECEIVER = "bench-prefill", "bench-decode"
+METHODS = ("p2p", "p2p-nocopy", "grpc", "raw")
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    num_layers: int
+    row_dim: int
+    num_tokens: int
+    dtype: str
+    block_size: int
+
+    @property
+    def layout(self) -> KvLayout:
+        return KvLayout(self.num_layers, self.num_tokens, self.row_dim, dtype_from_name(self.dtype))
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_tokens // self.block_size) + 16  # spare blocks, so ids are not simply 0..n
+
+
+@dataclass(frozen=True)
+class Result:
+    case: Case
+    seconds: dict[str, list[float]]  # method -> timed repetitions
+
+    def gbs(self, method: str) -> float:
+        return self.case.layout.nbytes / statistics.median(self.seconds[method]) / 1e9
+
+
+def paged_cache(case: Case, seed: int) -> tuple[list[torch.Tensor], list[int]]:
+    """A random cache [L] × [num_blocks, block_size, row_dim] and the request's shuffled block ids."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (case.num_blocks, case.block_size, case.row_dim)
+    cache = [torch.randn(shape, generator=gen).to(case.layout.dtype) for _ in range(case.num_layers)]
+    blocks = torch.randperm(case.num_blocks, generator=gen)[: -(-case.num_tokens // case.block_size)].tolist()
+    return cache, blocks
+
+
+def rows_crc(cache: list[torch.Tensor], blocks: list[int], num_tokens: int) -> int:
+    source = CacheKvSource(cache, blocks, num_tokens)
+    crc = 0
+    for layer in range(source.layout.num_layers):
+        crc = zlib.crc32(raw_bytes(source.layer(layer)), crc)
+    return crc
+
+
+class _ReadyRows:
+    """A ``KvSource`` / ``KvSink`` without paging: layers are handed out as they are, writes dropped."""
+
+    def __init__(self, layout: KvLayout) -> None:
+        self.layout = layout
+        self.device = torch.device("cpu")
+        self._rows = torch.zeros(layout.num_tokens, layout.row_dim, dtype=layout.dtype)  # [N, D]
+
+    def layer(self, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._rows
+
+    def write(self, layer: int, first_token: int, rows: torch.Tensor) -> None:
+        pass
+
+
+# ---- the decode side (peer process) -----------------------------------------------------------------
+
+
+def _peer(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    client = P2pKvClient(RECEIVER, args.timeout)
+    raw: PointToPointBackend | None = None
+    cache: list[torch.Tensor] = []
+    blocks: list[int] = []
+    case: Case | None = None
+    raw_buffer = torch.empty(0, dtype=torch.uint8)
+    store: Any = None  # keeps the baseline group's store connection open
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        reply: dict[str, Any] = {"ok": True}
+        if op == "quit":
+            break
+        if op == "raw_join":
+            store = client.connect_store(Rendezvous.parse(args.rendezvous), args.timeout)
+            raw = connect_pair_group(store, cmd["prefix"], 1, "gloo", HOST, args.timeout)
+        elif op == "case":
+            case = Case(**cmd["case"])
+            cache, blocks = paged_cache(case, seed=1)
+            for layer in cache:
+                layer.zero_()
+            raw_buffer = torch.empty(case.layout.nbytes, dtype=torch.uint8)
+        elif op in ("p2p", "p2p-nocopy", "grpc"):
+            assert case is not None
+            sink: KvSink = (
+                _ReadyRows(case.layout) if op == "p2p-nocopy" else CacheKvSink(cache, blocks, case.num_tokens)
+            )
+            if op != "grpc":
+                receiver = client.start_receive(cmd["id"], SENDER, args.rendezvous, sink)
+            else:
+                receiver = GrpcKvReceiver(args.grpc, cmd["id"], sink, args.timeout)
+            state = receiver.wait()
+            reply = {"ok": state is TransferState.SUCCESS, "error": receiver.error}
+        elif op == "raw":
+            assert raw is not None
+            ack = torch.ones(1, dtype=torch.int64)
+            raw.recv([raw_buffer], 0, cmd["tag"]).wait()
+            raw.send([ack], 0, cmd["tag"] + 1).wait()
+        elif op == "crc":
+            assert case is not None
+            reply = {"ok": True, "crc": rows_crc(cache, blocks, case.num_tokens)}
+            for layer in cache:
+                layer.zero_()
+        print(json.dumps(reply), flush=True)
+    client.close()
+    return 0
+
+
+# ---- the prefill side (this process) ----------------------------------------------------------------
+
+
+class _PullKv(worker_pb2_grpc.WorkerServicer):
+    """Answers only ``PullKv``, from the source of the current case."""
+
+    def __init__(self) -> None:
+        self.source: CacheKvSource | None = None
+
+    def PullKv(self, request: worker_pb2.PullKvRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.KvChunk]:
+        assert self.source is not None
+        yield from kv_chunks(self.source)
+
+
+class _Peer:
+    def __init__(self, args: list[str], timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "k2serve.bench_kv_transfer", "--peer", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the peer process did not answer within {self.timeout_s:g}s (exit {self.proc.poll()})")
+        answer: dict[str, Any] = json.loads(line)
+        if not answer.get("ok"):
+            raise RuntimeError(f"the peer failed: {answer.get('error')}")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(op="quit")
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _time(reps: int, run_one: Callable[[int], float]) -> list[float]:
+    """1 warm-up, then ``reps`` timed repetitions of ``run_one(rep) -> seconds``."""
+    run_one(-1)
+    return [run_one(rep) for rep in range(reps)]
+
+
+def measure(
+    case: Case, peer: _Peer, server: P2pKvServer, servicer: _PullKv, raw: PointToPointBackend, args: argparse.Namespace
+) -> Result:
+    cache, blocks = paged_cache(case, seed=0)
+    source = CacheKvSource(cache, blocks, case.num_tokens)
+    servicer.source = source
+    want_crc = rows_crc(cache, blocks, case.num_tokens)
+    peer.send(op="case", case=case.__dict__)
+    peer.reply()
+    name = f"{case.model}-{case.num_tokens}"
+    seconds: dict[str, list[float]] = {}
+
+    def p2p(rep: int, op: str = "p2p", source: KvSource = source) -> float:
+        tid = f"{name}-{op}-{rep}"
+        started = time.perf_counter()
+        peer.send(op=op, id=tid)
+        sender = server.start_send(tid, RECEIVER, source)
+        peer.reply()
+        elapsed = time.perf_counter() - started
+        if sender.wait() is not TransferState.SUCCESS:
+            raise RuntimeError(f"{op} sender failed: {sender.error}")
+        return elapsed
+
+    ready = _ReadyRows(case.layout)
+
+    def p2p_nocopy(rep: int) -> float:
+        return p2p(rep, "p2p-nocopy", ready)
+
+    def grpc_pull(rep: int) -> float:
+        started = time.perf_counter()
+        peer.send(op="grpc", id=f"{name}-grpc-{rep}")
+        peer.reply()
+        return time.perf_counter() - started
+
+    payload = torch.empty(case.layout.nbytes, dtype=torch.uint8)
+    ack = torch.zeros(1, dtype=torch.int64)
+
+    def raw_send(rep: int) -> float:
+        tag = 2 * (rep + 2)
+        started = time.perf_counter()
+        peer.send(op="raw", tag=tag)
+        sent = raw.send([payload], 1, tag)
+        acked = raw.recv([ack], 1, tag + 1)
+        sent.wait()
+        acked.wait()
+        peer.reply()
+        return time.perf_counter() - started
+
+    for method, run_one in (("p2p", p2p), ("p2p-nocopy", p2p_nocopy), ("grpc", grpc_pull), ("raw", raw_send)):
+        seconds[method] = _time(args.reps, run_one)
+        if method in ("p2p", "grpc"):
+            peer.send(op="crc")
+            got = peer.reply()["crc"]
+            if got != want_crc:
+                raise RuntimeError(f"{method}: the peer's rows differ from the source (crc {got} != {want_crc})")
+    return Result(case, seconds)
+
+
+def _cases(args: argparse.Namespace) -> list[Case]:
+    configs: list[tuple[str, ModelConfig]] = []
+    for folder in args.model or ():
+        configs.append((Path(folder).name, ModelConfig.from_model_dir(folder)))
+    if args.presets:
+        from k2serve.tiny_presets import preset_config
+
+        configs.extend((f"preset {name}", preset_config(name)) for name in args.presets)
+    if not configs:
+        raise ValueError("bench kv-transfer: name model folders (--model) or presets (--presets)")
+    return [
+        Case(name, c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, n, args.dtype, args.block_size)
+        for name, c in configs
+        for n in args.tokens
+    ]
+
+
+def _goal_line(results: list[Result]) -> str:
+    big = [r for r in results if r.case.num_tokens >= 8192] or results
+    ratios = [r.gbs("p2p") / r.gbs("raw") for r in big]
+    nocopy = [r.gbs("p2p-nocopy") / r.gbs("raw") for r in big]
+    met = "met" if min(ratios) >= 0.8 else "not met on this machine"
+    return (
+        f"Goal: p2p ≥ 0.8 of the raw send. Measured {min(ratios):.2f}–{max(ratios):.2f} at ≥ 8192 tokens ({met}); "
+        f"the protocol alone (no-copy) {min(nocopy):.2f}–{max(nocopy):.2f}. The gap between p2p and p2p no-copy is "
+        "the gather out of the sender's pages and the scatter into the receiver's pages: two more passes over the "
+        "bytes. They overlap with the wire only when a core is free. Over loopback TCP both ends of the raw send "
+        "already keep a core busy copying, so on a 2-core host they add to the time instead. With NCCL or RDMA the "
+        "wire does not use the CPU. Below a few tens of MB a fixed cost per transfer dominates every method but "
+        "the raw send ('p2p median ms' at 1024 tokens): thread start, the store handshake, header and "
+        "acknowledgement, and thread wake-ups across two processes on two shared cores."
+    )
+
+
+def render(args: argparse.Namespace, results: list[Result], load: tuple[float, float]) -> str:
+    rows = [
+        "| model | layers × row_dim | tokens | MB moved | p2p GB/s | p2p no-copy GB/s | gRPC GB/s | raw send GB/s | "
+        "**p2p / raw** | p2p no-copy / raw | gRPC / raw | p2p median ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c, raw = r.case, r.gbs("raw")
+        rows.append(
+            f"| {c.model} | {c.num_layers} × {c.row_dim} | {c.num_tokens} | {c.layout.nbytes / 1e6:.1f} | "
+            f"{r.gbs('p2p'):.2f} | {r.gbs('p2p-nocopy'):.2f} | {r.gbs('grpc'):.2f} | {raw:.2f} | "
+            f"**{r.gbs('p2p') / raw:.2f}** | {r.gbs('p2p-nocopy') / raw:.2f} | {r.gbs('grpc') / raw:.2f} | "
+            f"{statistics.median(r.seconds['p2p']) * 1e3:.2f} |"
+        )
+    models = " ".join(Path(m).name for m in args.model or ())
+    source = f"--model {models}" if models else f"--presets {' '.join(args.presets)}"
+    tokens = " ".join(str(n) for n in args.tokens)
+    return "\n".join(
+        [
+            f"Workload: the latent KV rows of one prompt ({args.dtype}, block size {args.block_size}, shuffled block "
+            f"ids) moved from a prefill process to a decode process over loopback; median of {args.reps} repetitions "
+            'after 1 warm-up, each timed from the command to the peer\'s "done" (the same pipe round trip for every '
+            "method). Raw = one gloo `send` of the same bytes as a single tensor on a fresh 2-rank group, plus a "
+            "1-value acknowledgement. The received rows are checked (CRC32) against the source.",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
+            f"thread(s) per process, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}, "
+            f"{platform.system()} {platform.release()}; 1-minute load average {load[0]:.2f} before, {load[1]:.2f} "
+            "after (other jobs share this machine).",
+            f"Rerun: `k2serve bench kv-transfer {source} --tokens {tokens} --reps {args.reps} --dtype {args.dtype} "
+            f"--threads {args.threads} "
+            "--write docs/BENCHMARKS.md` (the folders made by `k2serve make-tiny-model k2-tiny --preset tiny` and "
+            "`... k2-small --preset small`).",
+            "",
+            *rows,
+            "",
+            _goal_line(results),
+        ]
+    )
+
+
+def run_bench_kv_transfer(args: argparse.Namespace) -> int:
+    if args.reps < 5:
+        raise ValueError("--reps: at least 5")
+    cases = _cases(args)
+    load_before = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    server = P2pKvServer(SENDER, HOST, args.timeout)
+    servicer = _PullKv()
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, grpc_server)
+    grpc_port = grpc_server.add_insecure_port(f"{HOST}:0")
+    grpc_server.start()
+    peer = _Peer(
+        [
+            *("--rendezvous", server.rendezvous, "--grpc", f"{HOST}:{grpc_port}"),
+            *("--timeout", str(args.timeout), "--threads", str(args.threads)),
+        ],
+        args.timeout,
+    )
+    results: list[Result] = []
+    try:
+        peer.send(op="raw_join", prefix="bench/raw")
+        raw = connect_pair_group(server.connect_store(args.timeout), "bench/raw", 0, "gloo", HOST, args.timeout)
+        peer.reply()
+        for case in cases:
+            results.append(measure(case, peer, server, servicer, raw, args))
+            r = results[-1]
+            print(
+                f"{case.model} {case.num_tokens} tokens: " + ", ".join(f"{m} {r.gbs(m):.2f} GB/s" for m in METHODS),
+                flush=True,
+            )
+    finally:
+        peer.close()
+        grpc_server.stop(grace=None)
+        server.close()
+    body = render(args, results, (load_before, os.getloadavg()[0]))
+    print(body)
+    if args.write:
+        write_section(Path(args.write), body, name="kv_transfer", heading="KV transfer (CPU, loopback)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="internal: the decode-side process of bench kv-transfer")
+    parser.add_argument("--peer", action="store_true", required=True)
+    parser.add_argument("--rendezvous", required=True)
+    parser.add_argument("--grpc", required=True)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--threads", type=int, default=1)
+    return _peer(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

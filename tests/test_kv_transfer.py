@@ -1,0 +1,424 @@
+"""KV transfer: layout, paged-cache source/sink, the in-process, torch.distributed p2p and gRPC transports,
+and the prefill side's lease table. Loopback only; every wait has a deadline."""
+
+from __future__ import annotations
+
+import random
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.workers.kv_lease import KvLeaseTable
+from k2serve.workers.kv_transfer import (
+    BufferPool,
+    CacheKvSink,
+    CacheKvSource,
+    InProcessTransport,
+    KvLayout,
+    KvTransfer,
+    TransferState,
+    slot_mapping,
+)
+from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
+from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
+
+NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, ROW_DIM = 3, 48, 16, 96  # the tiny preset's 32 + 64 latent row
+SENDER = "prefill-0"
+
+
+def _cache(dtype: torch.dtype, seed: int, *, zero: bool = False) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, ROW_DIM)
+    return [
+        torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape, generator=gen).to(dtype)
+        for _ in range(NUM_LAYERS)
+    ]
+
+
+def _blocks(num_tokens: int, seed: int) -> list[int]:
+    return random.Random(seed).sample(range(NUM_BLOCKS), -(-num_tokens // BLOCK_SIZE))
+
+
+class _Pair:
+    """A source cache and an empty destination cache with different, shuffled block ids."""
+
+    def __init__(self, num_tokens: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
+        self.num_tokens = num_tokens
+        self.src, self.dst = _cache(dtype, seed), _cache(dtype, seed, zero=True)
+        self.src_blocks, self.dst_blocks = _blocks(num_tokens, seed), _blocks(num_tokens, seed + 1)
+
+    def source(self) -> CacheKvSource:
+        return CacheKvSource(self.src, self.src_blocks, self.num_tokens)
+
+    def sink(self) -> CacheKvSink:
+        return CacheKvSink(self.dst, self.dst_blocks, self.num_tokens)
+
+    def assert_moved(self) -> None:
+        for layer in range(NUM_LAYERS):
+            want = CacheKvSource(self.src, self.src_blocks, self.num_tokens).layer(layer)
+            got = CacheKvSource(self.dst, self.dst_blocks, self.num_tokens).layer(layer)
+            assert torch.equal(want, got), f"layer {layer} differs"
+
+
+def _wait_all(*transfers: KvTransfer, limit_s: float = 10.0) -> list[TransferState]:
+    return [t.wait(limit_s) for t in transfers]
+
+
+def _flip_byte(target_layer: int) -> Callable[[int, torch.Tensor], None]:
+    def tap(layer: int, rows: torch.Tensor) -> None:
+        if layer == target_layer:
+            view = rows.view(-1).view(torch.uint8)
+            view[3] ^= 0x40
+
+    return tap
+
+
+# ---- layout, source, sink ---------------------------------------------------------------------------
+
+
+def test_layout_bytes_are_row_dim_times_dtype_size_times_layers_times_tokens() -> None:
+    layout = KvLayout(num_layers=61, num_tokens=1000, row_dim=576, dtype=torch.bfloat16)
+    assert layout.nbytes == 576 * 2 * 61 * 1000
+    assert layout.layer_nbytes == 576 * 2 * 1000
+    with pytest.raises(ValueError, match="num_tokens"):
+        KvLayout(1, 0, 576, torch.bfloat16)
+
+
+def test_source_and_sink_follow_the_slot_of_every_token() -> None:
+    pair = _Pair(num_tokens=37)  # 3 blocks, the last one partly filled
+    slots = slot_mapping(pair.src_blocks, 37, BLOCK_SIZE, torch.device("cpu"))
+    t = 20
+    assert slots[t] == pair.src_blocks[t // BLOCK_SIZE] * BLOCK_SIZE + t % BLOCK_SIZE
+    rows = pair.source().layer(1)
+    assert rows.shape == (37, ROW_DIM) and rows.is_contiguous()
+    assert torch.equal(rows[t], pair.src[1][pair.src_blocks[1], t % BLOCK_SIZE])
+    pair.sink().write(1, 10, rows[10:30])
+    assert torch.equal(pair.dst[1][pair.dst_blocks[1], t % BLOCK_SIZE], rows[t])
+    with pytest.raises(ValueError, match="outside"):
+        pair.sink().write(1, 30, rows[:10])
+
+
+# ---- in-process transport ---------------------------------------------------------------------------
+
+
+def test_in_process_round_trip_and_checksum_mismatch() -> None:
+    transport = InProcessTransport(timeout_s=5.0)
+    pair = _Pair(num_tokens=50)
+    receiver = transport.start_receive("t1", pair.sink(), checksum=True)  # the receiver may come first
+    sender = transport.start_send("t1", pair.source(), checksum=True)
+    assert _wait_all(sender, receiver) == [TransferState.SUCCESS] * 2
+    pair.assert_moved()
+    assert sender.bytes_moved == receiver.bytes_moved == ROW_DIM * 2 * NUM_LAYERS * 50
+
+    bad = _Pair(num_tokens=50, seed=3)
+    sender = transport.start_send("t2", bad.source(), checksum=True)
+    receiver = transport.start_receive("t2", bad.sink(), checksum=True, on_wire=_flip_byte(2))
+    assert _wait_all(sender, receiver) == [TransferState.FAILED] * 2
+    assert receiver.error == "checksum mismatch in layer 2"
+    assert sender.error is not None and "checksum mismatch in layer 2" in sender.error
+
+
+# ---- p2p (torch.distributed, gloo on loopback) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[P2pKvServer]:
+    server = P2pKvServer(SENDER, "127.0.0.1", timeout_s=5.0)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[P2pKvClient]:
+    client = P2pKvClient("decode-0", timeout_s=5.0)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_p2p_moves_every_row_into_shuffled_blocks(server: P2pKvServer, client: P2pKvClient, dtype: torch.dtype) -> None:
+    for k, receiver_first in enumerate((True, False)):  # the order of the two calls does not matter
+        pair = _Pair(num_tokens=301, dtype=dtype, seed=10 + k)
+        tid = f"rows-{dtype}-{k}"
+        start_receive = lambda p=pair, t=tid: client.start_receive(t, SENDER, server.rendezvous, p.sink())  # noqa: E731
+        start_send = lambda p=pair, t=tid: server.start_send(t, "decode-0", p.source())  # noqa: E731
+        if receiver_first:
+            receiver = start_receive()
+            time.sleep(0.05)
+            sender = start_send()
+        else:
+            sender = start_send()
+            time.sleep(0.05)
+            receiver = start_receive()
+        assert _wait_all(sender, receiver) == [TransferState.SUCCESS] * 2, (sender.error, receiver.error)
+        pair.assert_moved()
+        nbytes = ROW_DIM * torch.empty((), dtype=dtype).element_size() * NUM_LAYERS * 301
+        assert sender.bytes_moved == receiver.bytes_moved == nbytes
+        assert sender.error is None and receiver.error is None and sender.seconds > 0
+    # both transfers ran on the one cached pair group
+    assert server.slot("decode-0", "gloo").generation == 1
+
+
+def test_p2p_checksum_mismatch_fails_both_sides_and_keeps_the_group(server: P2pKvServer, client: P2pKvClient) -> None:
+    pair = _Pair(num_tokens=64, seed=20)
+    sender = server.start_send("crc-bad", "decode-0", pair.source(), checksum=True)
+    receiver = client.start_receive(
+        "crc-bad", SENDER, server.rendezvous, pair.sink(), checksum=True, on_wire=_flip_byte(1)
+    )
+    assert _wait_all(sender, receiver) == [TransferState.FAILED] * 2
+    assert receiver.error == "checksum mismatch in layer 1"
+    assert sender.error == "receiver reported checksum mismatch in layer 1"
+    generation = server.slot("decode-0", "gloo").generation
+    sender = server.start_send("crc-good", "decode-0", pair.source(), checksum=True)
+    receiver = client.start_receive("crc-good", SENDER, server.rendezvous, pair.sink(), checksum=True)
+    assert _wait_all(sender, receiver) == [TransferState.SUCCESS] * 2, (sender.error, receiver.error)
+    pair.assert_moved()
+    assert server.slot("decode-0", "gloo").generation == generation
+
+
+def test_p2p_layout_mismatch_fails_both_sides(server: P2pKvServer, client: P2pKvClient) -> None:
+    pair, other = _Pair(num_tokens=40, seed=30), _Pair(num_tokens=41, seed=31)
+    sender = server.start_send("shape", "decode-0", pair.source())
+    receiver = client.start_receive("shape", SENDER, server.rendezvous, other.sink())
+    assert _wait_all(sender, receiver) == [TransferState.FAILED] * 2
+    for t in (sender, receiver):
+        assert t.error is not None and t.error.startswith("layout mismatch: sender has 3 layers × 40 tokens")
+
+
+def test_p2p_receiver_whose_sender_never_comes_fails_within_its_timeout(
+    server: P2pKvServer, client: P2pKvClient
+) -> None:
+    pair = _Pair(num_tokens=16, seed=40)
+    started = time.monotonic()
+    receiver = client.start_receive("nobody", SENDER, server.rendezvous, pair.sink(), timeout_s=0.5)
+    assert receiver.poll() in (TransferState.BOOTSTRAPPING, TransferState.FAILED)  # poll never blocks
+    assert receiver.wait(5.0) is TransferState.FAILED
+    assert time.monotonic() - started < 2.0
+    assert receiver.error == f"timed out after 0.5s waiting for sender {SENDER} to answer"
+
+
+def test_p2p_concurrent_transfers_of_one_pair_all_succeed_whatever_the_order(
+    server: P2pKvServer, client: P2pKvClient
+) -> None:
+    pairs = {tid: _Pair(num_tokens=100 + 7 * k, seed=60 + k) for k, tid in enumerate(("c0", "c1", "c2"))}
+    receivers = [client.start_receive(tid, SENDER, server.rendezvous, p.sink()) for tid, p in pairs.items()]
+    senders = [server.start_send(tid, "decode-0", pairs[tid].source()) for tid in reversed(pairs)]
+    assert _wait_all(*receivers, *senders) == [TransferState.SUCCESS] * 6, [t.error for t in (*receivers, *senders)]
+    for pair in pairs.values():
+        pair.assert_moved()
+
+
+def test_p2p_sender_whose_receiver_never_comes_fails_within_its_timeout(server: P2pKvServer) -> None:
+    sender = server.start_send("unclaimed", "decode-9", _Pair(num_tokens=16).source(), timeout_s=0.5)
+    assert sender.wait(5.0) is TransferState.FAILED
+    assert sender.error == "timed out after 0.5s waiting for receiver decode-9 to join the transfer"
+
+
+def test_buffer_pool_reuses_buffers_and_keeps_at_most_its_limit() -> None:
+    pool = BufferPool(max_free_bytes=3000 * ROW_DIM * 4)
+    a = pool.take(1000, ROW_DIM, torch.float32, torch.device("cpu"))
+    assert a.shape == (1024, ROW_DIM)  # rounded up, so nearby lengths share buffers
+    pool.give(a)
+    assert pool.take(900, ROW_DIM, torch.float32, torch.device("cpu")) is a
+    pool.give(a)
+    pool.give(pool.take(4000, ROW_DIM, torch.float32, torch.device("cpu")))  # over the limit: dropped
+    assert pool.free_bytes == 1024 * ROW_DIM * 4
+
+
+_DYING_RECEIVER = """
+import sys, time, torch
+from k2serve.workers.kv_transfer import CacheKvSink
+from k2serve.workers.kv_transport_p2p import P2pKvClient
+
+class StallingSink(CacheKvSink):
+    def write(self, layer, first_token, rows):
+        if layer == 1:
+            print("stalled", flush=True)
+            time.sleep(60)
+        super().write(layer, first_token, rows)
+
+rendezvous, num_tokens, blocks = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
+cache = [torch.zeros(NUM_BLOCKS, BLOCK_SIZE, ROW_DIM, dtype=torch.bfloat16) for _ in range(NUM_LAYERS)]
+receiver = P2pKvClient("decode-1", timeout_s=30).start_receive(
+    "dies", "prefill-0", rendezvous, StallingSink(cache, blocks, num_tokens)
+)
+receiver.wait(60)
+"""
+for _name, _value in (
+    ("NUM_BLOCKS", NUM_BLOCKS),
+    ("BLOCK_SIZE", BLOCK_SIZE),
+    ("ROW_DIM", ROW_DIM),
+    ("NUM_LAYERS", NUM_LAYERS),
+):
+    _DYING_RECEIVER = _DYING_RECEIVER.replace(_name, str(_value))
+
+
+def _read_line(proc: subprocess.Popen[str], limit_s: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], limit_s)
+    return proc.stdout.readline().strip() if ready else ""
+
+
+def test_p2p_sender_whose_receiver_dies_mid_transfer_fails_and_a_new_pair_works(server: P2pKvServer) -> None:
+    pair = _Pair(num_tokens=600, seed=50)
+    blocks = ",".join(str(b) for b in pair.dst_blocks)
+    args = [sys.executable, "-c", _DYING_RECEIVER, str(server.rendezvous), "600", blocks]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        sender = server.start_send("dies", "decode-1", pair.source(), timeout_s=20.0)
+        assert _read_line(proc, 15.0) == "stalled"  # the receiver is inside layer 1, layer 2 on its way
+        assert sender.poll() is TransferState.TRANSFERRING
+        proc.kill()  # the decode rank dies: the OS closes its sockets
+        started = time.monotonic()
+        assert sender.wait(5.0) is TransferState.FAILED
+        assert time.monotonic() - started < 2.0  # seen at once, not at the 20 s timeout
+        assert sender.error is not None and "the peer is gone" in sender.error, sender.error
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+    restarted = P2pKvClient("decode-1", timeout_s=5.0)
+    fresh = _Pair(num_tokens=600, seed=51)
+    sender = server.start_send("after", "decode-1", fresh.source(), checksum=True)
+    receiver = restarted.start_receive("after", SENDER, server.rendezvous, fresh.sink(), checksum=True)
+    assert _wait_all(sender, receiver) == [TransferState.SUCCESS] * 2, (sender.error, receiver.error)
+    fresh.assert_moved()
+    assert server.slot("decode-1", "gloo").generation == 2  # the broken group was replaced
+    restarted.close()
+
+
+def test_p2p_cancel_stops_at_once_and_the_peer_fails_by_its_deadline(server: P2pKvServer, client: P2pKvClient) -> None:
+    pair = _Pair(num_tokens=32, seed=55)
+    receiver = client.start_receive("cancelled", SENDER, server.rendezvous, pair.sink(), timeout_s=1.0)
+    receiver.cancel()
+    assert receiver.poll() is TransferState.FAILED and receiver.error == "cancelled"
+    sender = server.start_send("cancelled", "decode-0", pair.source(), timeout_s=1.0)
+    assert sender.wait(5.0) is TransferState.FAILED
+
+
+# ---- gRPC stream ------------------------------------------------------------------------------------
+
+
+class _PullKvOnly(worker_pb2_grpc.WorkerServicer):
+    def __init__(self) -> None:
+        self.sources: dict[str, tuple[CacheKvSource, bool]] = {}
+        self.mangle: Callable[[list[worker_pb2.KvChunk]], list[worker_pb2.KvChunk]] = lambda chunks: chunks
+
+    def PullKv(self, request: worker_pb2.PullKvRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.KvChunk]:
+        if request.lease_id not in self.sources:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {request.lease_id}")
+        source, checksum = self.sources[request.lease_id]
+        yield from self.mangle(list(kv_chunks(source, checksum=checksum, max_chunk_bytes=5000)))
+
+
+@pytest.fixture(scope="module")
+def grpc_peer() -> Iterator[tuple[str, _PullKvOnly]]:
+    servicer = _PullKvOnly()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield f"127.0.0.1:{port}", servicer
+    srv.stop(grace=None)
+
+
+def test_kv_chunks_carry_raw_little_endian_bf16_rows() -> None:
+    pair = _Pair(num_tokens=40)
+    chunks = list(kv_chunks(pair.source(), checksum=True, max_chunk_bytes=16 * ROW_DIM * 2))
+    assert [(c.layer, c.first_token, c.rows) for c in chunks[:3]] == [(0, 0, 16), (0, 16, 16), (0, 32, 8)]
+    rows = pair.source().layer(0)[16:32]
+    assert chunks[1].data == rows.view(torch.int16).numpy().astype("<i2").tobytes()
+    assert sum(len(c.data) for c in chunks) == ROW_DIM * 2 * NUM_LAYERS * 40
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grpc_receiver_writes_every_chunk(grpc_peer: tuple[str, _PullKvOnly], dtype: torch.dtype) -> None:
+    address, servicer = grpc_peer
+    pair = _Pair(num_tokens=130, dtype=dtype, seed=60)
+    servicer.sources[f"lease-{dtype}"] = (pair.source(), True)
+    receiver = GrpcKvReceiver(address, f"lease-{dtype}", pair.sink(), timeout_s=5.0, checksum=True)
+    assert receiver.wait(10.0) is TransferState.SUCCESS, receiver.error
+    pair.assert_moved()
+    assert receiver.bytes_moved == pair.source().layout.nbytes
+
+
+def _grpc_failure(
+    grpc_peer: tuple[str, _PullKvOnly],
+    lease: str,
+    mangle: Callable[[list[Any]], list[Any]],
+    *,
+    on_wire: Callable[[int, torch.Tensor], None] | None = None,
+) -> str:
+    address, servicer = grpc_peer
+    pair = _Pair(num_tokens=70, seed=70)
+    servicer.sources[lease] = (pair.source(), True)
+    servicer.mangle = mangle
+    channel = grpc.insecure_channel(address)
+    try:
+        receiver = GrpcKvReceiver(
+            lambda: worker_pb2_grpc.WorkerStub(channel),
+            lease,
+            pair.sink(),
+            timeout_s=5.0,
+            checksum=True,
+            on_wire=on_wire,
+        )
+        assert receiver.wait(10.0) is TransferState.FAILED
+    finally:
+        servicer.mangle = lambda chunks: chunks
+        channel.close()
+    assert receiver.error is not None
+    return receiver.error
+
+
+def test_grpc_receiver_rejects_missing_extra_and_corrupt_rows(grpc_peer: tuple[str, _PullKvOnly]) -> None:
+    assert _grpc_failure(grpc_peer, "gap", lambda c: c[:3] + c[4:]).startswith("missing rows: layer")
+    assert _grpc_failure(grpc_peer, "short", lambda c: c[:-1]).startswith("missing rows: the stream ended at layer 2")
+    assert _grpc_failure(grpc_peer, "extra", lambda c: [*c, c[-1]]).startswith("extra rows")
+    assert _grpc_failure(grpc_peer, "again", lambda c: [*c[:3], c[2], *c[3:]]).startswith("extra rows")
+    assert _grpc_failure(grpc_peer, "crc", lambda c: c, on_wire=_flip_byte(2)).startswith(
+        "checksum mismatch in layer 2"
+    )
+    address, _ = grpc_peer
+    pair = _Pair(num_tokens=8)
+    receiver = GrpcKvReceiver(address, "no-such-lease", pair.sink(), timeout_s=5.0)
+    assert receiver.wait(10.0) is TransferState.FAILED
+    assert receiver.error is not None and "NOT_FOUND" in receiver.error and "unknown lease" in receiver.error
+
+
+# ---- lease table ------------------------------------------------------------------------------------
+
+
+def test_lease_table_grants_releases_and_expires_with_pinned_blocks_back_to_zero() -> None:
+    now = [100.0]
+    table = KvLeaseTable(ttl_s=10.0, clock=lambda: now[0])
+    layout = KvLayout(3, 40, ROW_DIM, torch.bfloat16)
+    a = table.grant("req-a", [4, 9, 2], 40, layout)
+    b = table.grant("req-b", [7, 1, 3], 40, layout)
+    assert a.lease_id != b.lease_id and a.expires_at == 110.0
+    assert len(table) == 2 and table.pinned_blocks == 6
+    assert table.get(a.lease_id) == a
+    assert table.release(a.lease_id) == a
+    assert table.release(a.lease_id) is None  # released once
+    assert len(table) == 1 and table.pinned_blocks == 3
+    now[0] = 110.0
+    assert table.get(b.lease_id) is None  # past its time: no longer handed out
+    assert table.release(b.lease_id) is None  # ... nor released: expire() owns it
+    assert table.expire() == [b]
+    assert table.expire() == []
+    assert len(table) == 0 and table.pinned_blocks == 0
+
+    c = table.grant("req-c", [5], 40, layout)
+    d = table.grant("req-d", [6, 8], 40, layout)
+    assert table.release_request("req-c") == [c]  # an aborted request gives its lease back
+    assert table.expire_all() == [d]  # a stopping rank gives back everything
+    assert len(table) == 0 and table.pinned_blocks == 0

@@ -1,0 +1,68 @@
+"""``k2serve serve --demo`` from the command line: it writes the tiny model, starts a local Ray, one
+prefill and one decode group of EP=2 and the router, answers a streaming completion (tokens from
+the prefill rank, then the decode rank), and stops cleanly on SIGTERM with no Ray process left."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+READY_TIMEOUT_S = 150  # the acceptance goal is < 60 s on 2 cores; the test tolerates a loaded machine
+
+
+def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "k2serve", "serve", "--demo", "--demo-dir", str(tmp_path / "demo"), "--port", "0"]
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    output: list[str] = []
+    try:
+        url = None
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        while url is None:
+            assert time.monotonic() - started < READY_TIMEOUT_S, "".join(output)
+            assert proc.poll() is None, "".join(output) + (proc.stdout.read() or "")
+            line = proc.stdout.readline()
+            if not line:
+                time.sleep(0.2)
+                continue
+            output.append(line)
+            if match := re.search(r"ready at (http://\S+)", line):
+                url = match.group(1)
+        ready_s = time.monotonic() - started
+        print(f"serve --demo ready in {ready_s:.1f}s")
+
+        body = json.dumps({"prompt": "Hello, Kimi", "max_tokens": 6, "temperature": 0, "stream": True}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [line.decode().removeprefix("data: ").strip() for line in response if line.startswith(b"data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert len(chunks) == 6  # the first token from the prefill rank, five from the decode rank
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 6
+    finally:
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, "".join(output)
+    deadline = time.monotonic() + 30
+    while any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children):
+        assert time.monotonic() < deadline, [c.cmdline()[:2] for c in children if c.is_running()]
+        time.sleep(0.2)

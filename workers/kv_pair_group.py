@@ -1,0 +1,125 @@
+"""A 2-rank point-to-point group between one prefill rank (rank 0, the sender) and one decode rank (rank
+1, the receiver), built straight from a ``TCPStore`` (no ``init_process_group``), so a process can
+hold many such groups next to its expert-parallel group.
+
+Lifecycle: a ``PairSlot`` per peer on each side holds the current ``PairGroup`` (one generation,
+prefix ``.../g<generation>``), the store connection its rendezvous uses, and the lock that serializes
+the pair's transfers. A group is created on demand (``connect_pair_group``: gloo for CPU tensors,
+NCCL for CUDA tensors; it blocks until the peer joins), reused while it works, and dropped
+(``PairSlot.drop``) when a transfer on it fails; the next transfer builds the next generation.
+
+Also here: ``route_to``, the local address that reaches a peer (the store server itself is
+``parallel.host_store``, bound to one interface).
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+import torch
+import torch.distributed as dist
+
+
+class PointToPointBackend(Protocol):
+    """The methods of ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` used here (torch's stubs omit them)."""
+
+    def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> dist.Work: ...
+    def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> dist.Work: ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class PairGroup:
+    """One generation of a pair's 2-rank group. ``backend`` is None until both sides have connected."""
+
+    prefix: str
+    kind: str  # "gloo" | "nccl"
+    backend: PointToPointBackend | None = None
+    next_seq: int = 0
+    broken: str | None = None
+
+    def abandon(self, reason: str) -> None:
+        """Mark it unusable and let go of it. gloo closes the sockets once the last reference to the
+        group and to its pending work is gone; only then does the peer's pending operation fail. (A
+        process that dies closes them at once. A thread still waiting here holds them until its
+        deadline.)"""
+        if self.broken is None:
+            self.broken = reason
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            try:
+                backend.abort()
+            except RuntimeError:
+                pass  # already torn down by the failure itself
+
+
+@dataclass
+class PairSlot:
+    """One peer's state on this side. ``lock`` serializes the transfers of the pair."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    store: dist.Store | None = None  # this pair's own store connection (group rendezvous, receiver offers)
+    group: PairGroup | None = None
+    generation: int = 0
+
+    def usable(self) -> PairGroup | None:
+        group = self.group
+        return group if group is not None and group.broken is None and group.backend is not None else None
+
+    def drop(self, group: PairGroup, reason: str) -> None:
+        group.abandon(reason)
+        if self.group is group:
+            self.group = None
+
+
+class PairSlots:
+    """Every peer's slot on this side, created on first use; ``close`` drops every group."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[tuple[str, ...], PairSlot] = {}
+
+    def get(self, key: tuple[str, ...]) -> PairSlot:
+        with self._lock:
+            return self._slots.setdefault(key, PairSlot())
+
+    def close(self) -> None:
+        with self._lock:
+            slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            if slot.group is not None:
+                slot.drop(slot.group, "closed")
+
+
+def backend_kind(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def route_to(host: str) -> str:
+    """The local address this machine uses to reach ``host`` (no packet is sent)."""
+    family, _, _, _, address = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)
+        return str(probe.getsockname()[0])
+
+
+def connect_pair_group(
+    store: dist.Store, prefix: str, rank: int, kind: str, interface_host: str, timeout_s: float
+) -> PointToPointBackend:
+    """Join the 2-rank group ``prefix`` as ``rank`` (blocks until the peer joins or ``timeout_s``)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if isinstance(store, dist.TCPStore):
+        store.set_timeout(timeout)  # gloo's rendezvous waits on the store with the store's timeout
+    scoped = dist.PrefixStore(prefix + "/", store)
+    if kind == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return cast(PointToPointBackend, dist.ProcessGroupNCCL(scoped, rank, 2, options))
+    gloo_options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    gloo_options._timeout = timeout
+    gloo_options._devices = [dist.ProcessGroupGloo.create_device(hostname=interface_host)]
+    return cast(PointToPointBackend, dist.ProcessGroupGloo(scoped, rank, 2, gloo_options))

@@ -1,0 +1,430 @@
+"""KV transfer, the transport-independent part: one transfer's state machine (``KvSender`` /
+``KvReceiver``) and an in-process transport for tests. What moves (``KvLayout``) and where it is read
+and written (``KvSource`` / ``KvSink``, ``CacheKvSource`` / ``CacheKvSink`` over the paged cache) live
+in ``kv_pages`` and are re-exported here.
+
+What moves: for every layer, the MLA latent rows of a request's first ``num_tokens`` tokens, i.e.
+``row_dim × dtype_size × num_layers × num_tokens`` bytes (``row_dim`` = kv_lora_rank +
+qk_rope_head_dim = 576 for Kimi K2). Token t lives at slot
+``block_ids[t // block_size] * block_size + t % block_size`` of ``kv_cache[layer].view(-1, row_dim)``.
+
+Lifecycle of one transfer (either side):
+
+1. A transport's ``start_send`` / ``start_receive`` builds the transfer and starts its daemon thread;
+   the state is ``BOOTSTRAPPING`` while the two sides find each other.
+2. ``TRANSFERRING`` once the data path is up; rows move layer by layer.
+3. ``SUCCESS`` (the receiver has written and, if asked, verified every row; the sender has its
+   acknowledgement) or ``FAILED`` with ``error`` saying why (peer gone, timed out waiting for X,
+   checksum mismatch in layer L, cancelled).
+
+The owner calls ``poll()`` from its loop: it never blocks, it only reads the state (and turns a
+transfer whose thread overran its deadline into ``FAILED``). ``cancel()`` makes a transfer
+``FAILED`` at once. After it returns, the transfer never touches its source or sink again, so the
+caller may free the blocks. Its thread may still wait out the call it is in, until the deadline at
+most. Every blocking call inside a transfer waits at most until the transfer's deadline
+(``timeout_s`` after it started).
+
+Checksums (optional): a CRC32 (``zlib.crc32``) of each layer's raw bytes, computed by the sender on
+what it sends and by the receiver on what it received; a mismatch fails the transfer with
+"checksum mismatch in layer L". Receivers accept an ``on_wire`` hook that sees each layer's rows as
+received, before they are checked and written: the seam tests use to corrupt bytes in flight.
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from k2serve.workers.kv_pages import (
+    DTYPE_CODES,
+    DTYPE_NAMES,
+    BufferPool,
+    CacheKvSink,
+    CacheKvSource,
+    KvLayout,
+    KvSink,
+    KvSource,
+    crc32,
+    dtype_from_name,
+    raw_bytes,
+    slot_mapping,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DTYPE_CODES",
+    "DTYPE_NAMES",
+    "BufferPool",
+    "CacheKvSink",
+    "CacheKvSource",
+    "InProcessTransport",
+    "KvLayout",
+    "KvReceiver",
+    "KvSender",
+    "KvSink",
+    "KvSource",
+    "KvTransfer",
+    "TransferError",
+    "TransferState",
+    "WireTap",
+    "crc32",
+    "dtype_from_name",
+    "raw_bytes",
+    "slot_mapping",
+]
+
+DEFAULT_TIMEOUT_S = 30.0
+# poll() fails a transfer whose thread is still running this long after its deadline (a call that
+# ignored its bound); the thread itself normally fails first.
+_OVERRUN_GRACE_S = 2.0
+
+
+class TransferState(enum.Enum):
+    BOOTSTRAPPING = "bootstrapping"
+    TRANSFERRING = "transferring"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (TransferState.SUCCESS, TransferState.FAILED)
+
+
+class TransferError(RuntimeError):
+    """Raised inside a transfer's thread; its message becomes the transfer's ``error``."""
+
+
+WireTap = Callable[[int, torch.Tensor], None]  # (layer, rows as received) -> None; may modify rows in place
+
+
+class KvTransfer:
+    """One transfer, run on its own daemon thread (``_run``, provided by the transport).
+
+    The thread raises ``TransferError`` to fail; it calls ``_remaining(what)`` before every blocking
+    call (which fails with "timed out after Ns <what>" past the deadline), ``_begin_transferring()``
+    when the data path is up, ``_add_bytes(n)`` per layer moved, and touches the source or sink only
+    inside ``with self._data():`` (which fails once cancelled).
+    """
+
+    def __init__(self, role: str, transfer_id: str, layout: KvLayout, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be > 0, got {timeout_s}")
+        self.role = role
+        self.transfer_id = transfer_id
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # guards the fields below
+        self._data_lock = threading.Lock()  # held while the source/sink is touched; cancel() takes it
+        self._done = threading.Event()
+        self._cancelled = threading.Event()
+        self._state = TransferState.BOOTSTRAPPING
+        self._error: str | None = None
+        self._bytes = 0
+        self._phase = "starting"
+        self._started = 0.0
+        self._ended: float | None = None
+        self._thread: threading.Thread | None = None
+        self._callbacks: list[Callable[[KvTransfer], None]] = []
+
+    # ---- owner side -----------------------------------------------------------------------------------
+
+    def start(self) -> KvTransfer:
+        """Start the thread (once; later calls do nothing)."""
+        if self._thread is not None:
+            return self
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._main, name=f"kv-{self.role}-{self.transfer_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def add_done_callback(self, callback: Callable[[KvTransfer], None]) -> None:
+        """Call ``callback(self)`` on the transfer's thread when it exits (set before ``start``)."""
+        self._callbacks.append(callback)
+
+    def poll(self) -> TransferState:
+        """The current state; never blocks. A thread past its deadline (+ grace) is declared FAILED here
+        and may not touch the source or sink again (``cancel()`` also waits out a write in progress)."""
+        with self._lock:
+            if not self._state.done and self._started and time.monotonic() > self._deadline() + _OVERRUN_GRACE_S:
+                self._cancelled.set()
+                self._fail_locked(f"timed out after {self.timeout_s:g}s {self._phase}")
+            return self._state
+
+    def wait(self, timeout_s: float | None = None) -> TransferState:
+        """Block until the transfer ends or ``timeout_s`` passes (default: its own deadline + grace)."""
+        limit = timeout_s if timeout_s is not None else self.timeout_s + _OVERRUN_GRACE_S
+        self._done.wait(limit)
+        return self.poll()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Fail now; when this returns the transfer no longer reads its source or writes its sink."""
+        self._cancelled.set()
+        with self._lock:
+            if not self._state.done:
+                self._fail_locked(reason)
+        self._on_cancel()
+        with self._data_lock:
+            pass  # a write in progress has finished; later ones see _cancelled
+
+    @property
+    def error(self) -> str | None:
+        with self._lock:
+            return self._error
+
+    @property
+    def bytes_moved(self) -> int:
+        """Row bytes moved so far (headers and checksums not counted)."""
+        with self._lock:
+            return self._bytes
+
+    @property
+    def seconds(self) -> float:
+        """Start to end (or to now while running)."""
+        with self._lock:
+            if not self._started:
+                return 0.0
+            return (self._ended if self._ended is not None else time.monotonic()) - self._started
+
+    # ---- thread side ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _on_cancel(self) -> None:
+        """Transport hook: let go of the connection, so the peer fails as soon as the transport allows."""
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except TransferError as exc:
+            self._finish(str(exc))
+        except Exception as exc:  # a bug or an unexpected library error: still end FAILED, with the reason
+            self._finish(f"{type(exc).__name__}: {exc}")
+        else:
+            self._finish(None)
+        for callback in self._callbacks:
+            callback(self)
+
+    def _finish(self, error: str | None) -> None:
+        with self._lock:
+            if not self._state.done:
+                if error is None:
+                    self._state = TransferState.SUCCESS
+                    self._ended = time.monotonic()
+                else:
+                    self._fail_locked(error)
+        self._done.set()
+
+    def _fail_locked(self, error: str) -> None:
+        self._state = TransferState.FAILED
+        self._error = error
+        self._ended = time.monotonic()
+        self._done.set()
+
+    def _deadline(self) -> float:
+        return self._started + self.timeout_s
+
+    def _remaining(self, what: str) -> float:
+        """Seconds left before the deadline (> 0); records ``what`` as the current phase."""
+        if self._cancelled.is_set():
+            raise TransferError(self.error or "cancelled")
+        with self._lock:
+            self._phase = what
+        left = self._deadline() - time.monotonic()
+        if left <= 0:
+            raise TransferError(f"timed out after {self.timeout_s:g}s {what}")
+        return left
+
+    def _timed_out(self, what: str) -> TransferError:
+        return TransferError(f"timed out after {self.timeout_s:g}s {what}")
+
+    def _begin_transferring(self) -> None:
+        with self._lock:
+            if self._state is TransferState.BOOTSTRAPPING:
+                self._state = TransferState.TRANSFERRING
+
+    def _add_bytes(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+
+    @contextmanager
+    def _data(self) -> Iterator[None]:
+        with self._data_lock:
+            if self._cancelled.is_set():
+                raise TransferError(self.error or "cancelled")
+            yield
+
+
+class KvSender(KvTransfer):
+    """The side that reads a ``KvSource`` (the prefill rank). SUCCESS = the receiver acknowledged every row."""
+
+
+class KvReceiver(KvTransfer):
+    """The side that writes a ``KvSink`` (the decode rank). SUCCESS = every row written (and verified)."""
+
+
+def check_layouts(sender: KvLayout, receiver: KvLayout) -> None:
+    if sender != receiver:
+        raise TransferError(f"layout mismatch: sender has {sender.describe()}, receiver expects {receiver.describe()}")
+
+
+# ---- in-process transport (tests) -------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_TICK_S = 0.02  # how often a blocked in-process side looks at the cancel and peer-gone flags
+
+
+@dataclass
+class _Channel:
+    """What the two sides of one in-process transfer share."""
+
+    hello: queue.Queue[tuple[KvLayout, bool]]  # the sender's layout and checksum setting
+    layers: queue.Queue[tuple[int, torch.Tensor, int | None]]  # (layer, rows [N, D], crc | None)
+    verdict: queue.Queue[str | None]  # the receiver's last word: None = all written and verified
+    gone: threading.Event  # either side ended early
+
+
+def _put(transfer: KvTransfer, q: queue.Queue[_T], item: _T, gone: threading.Event, what: str) -> None:
+    while True:
+        left = transfer._remaining(what)
+        if gone.is_set():
+            raise TransferError(f"the peer ended the transfer ({what})")
+        try:
+            q.put(item, timeout=min(left, _TICK_S))
+            return
+        except queue.Full:
+            continue
+
+
+def _get(transfer: KvTransfer, q: queue.Queue[_T], gone: threading.Event, what: str) -> _T:
+    while True:
+        left = transfer._remaining(what)
+        try:
+            return q.get(timeout=min(left, _TICK_S))
+        except queue.Empty:
+            if gone.is_set():
+                raise TransferError(f"the peer ended the transfer ({what})") from None
+
+
+class _InProcessSender(KvSender):
+    def __init__(self, transfer_id: str, source: KvSource, channel: _Channel, checksum: bool, timeout_s: float) -> None:
+        super().__init__("sender", transfer_id, source.layout, timeout_s)
+        self._source, self._channel, self._checksum = source, channel, checksum
+
+    def _run(self) -> None:
+        ch = self._channel
+        try:
+            ch.hello.put((self.layout, self._checksum))
+            self._begin_transferring()
+            for i in range(self.layout.num_layers):
+                with self._data():
+                    rows = self._source.layer(i)  # [N, D]: the one copy of this layer
+                crc = crc32(rows) if self._checksum else None
+                _put(self, ch.layers, (i, rows, crc), ch.gone, f"handing layer {i} to the receiver")
+                self._add_bytes(self.layout.layer_nbytes)
+            verdict = _get(self, ch.verdict, ch.gone, "waiting for the receiver's acknowledgement")
+            if verdict is not None:
+                raise TransferError(f"receiver failed: {verdict}")
+        except TransferError:
+            ch.gone.set()
+            raise
+
+    def _on_cancel(self) -> None:
+        self._channel.gone.set()
+
+
+class _InProcessReceiver(KvReceiver):
+    def __init__(
+        self,
+        transfer_id: str,
+        sink: KvSink,
+        channel: _Channel,
+        checksum: bool,
+        timeout_s: float,
+        on_wire: WireTap | None,
+    ) -> None:
+        super().__init__("receiver", transfer_id, sink.layout, timeout_s)
+        self._sink, self._channel, self._checksum, self._on_wire = sink, channel, checksum, on_wire
+
+    def _run(self) -> None:
+        ch = self._channel
+        try:
+            layout, checksum = _get(self, ch.hello, ch.gone, "waiting for the sender")
+            check_layouts(layout, self.layout)
+            if checksum != self._checksum:
+                raise TransferError(f"checksum setting differs: sender {checksum}, receiver {self._checksum}")
+            self._begin_transferring()
+            for expected in range(self.layout.num_layers):
+                layer, rows, crc = _get(self, ch.layers, ch.gone, f"waiting for layer {expected}")
+                if layer != expected:
+                    raise TransferError(f"got layer {layer}, expected {expected}")
+                if self._on_wire is not None:
+                    self._on_wire(layer, rows)
+                if crc is not None and crc != crc32(rows):
+                    raise TransferError(f"checksum mismatch in layer {layer}")
+                with self._data():
+                    self._sink.write(layer, 0, rows)
+                self._add_bytes(self.layout.layer_nbytes)
+        except TransferError as exc:
+            ch.verdict.put(str(exc))
+            ch.gone.set()
+            raise
+        ch.verdict.put(None)
+
+    def _on_cancel(self) -> None:
+        self._channel.gone.set()
+
+
+class InProcessTransport:
+    """Sender and receiver in one process, matched by ``transfer_id`` (either may start first). Each
+    layer's gathered tensor is handed over a bounded queue: no copy besides the gather."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._waiting: dict[str, _Channel] = {}  # transfers one side has joined
+
+    def _join(self, transfer_id: str) -> _Channel:
+        with self._lock:
+            channel = self._waiting.pop(transfer_id, None)  # the second side takes it out
+            if channel is None:
+                channel = _Channel(queue.Queue(1), queue.Queue(2), queue.Queue(1), threading.Event())
+                self._waiting[transfer_id] = channel
+            return channel
+
+    def _forget(self, transfer_id: str, channel: _Channel) -> None:
+        with self._lock:
+            if self._waiting.get(transfer_id) is channel:  # nobody joined it: drop it
+                del self._waiting[transfer_id]
+
+    def start_send(
+        self, transfer_id: str, source: KvSource, *, checksum: bool = False, timeout_s: float | None = None
+    ) -> KvSender:
+        channel = self._join(transfer_id)
+        sender = _InProcessSender(transfer_id, source, channel, checksum, timeout_s or self.timeout_s)
+        sender.add_done_callback(lambda _: self._forget(transfer_id, channel))
+        sender.start()
+        return sender
+
+    def start_receive(
+        self,
+        transfer_id: str,
+        sink: KvSink,
+        *,
+        checksum: bool = False,
+        timeout_s: float | None = None,
+        on_wire: WireTap | None = None,
+    ) -> KvReceiver:
+        channel = self._join(transfer_id)
+        receiver = _InProcessReceiver(transfer_id, sink, channel, checksum, timeout_s or self.timeout_s, on_wire)
+        receiver.add_done_callback(lambda _: self._forget(transfer_id, channel))
+        receiver.start()
+        return receiver
