@@ -199,7 +199,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("worker_id", "role", "waiting", "running", "kv_usage", "num_blocks", "free_blocks", "prefix_queries", "prefix_hits", "leases", "pinned_blocks", "ep_rank", "ep_size", "draining")
+    __slots__ = ("worker_id", "role", "waiting", "running", "kv_usage", "num_blocks", "free_blocks", "prefix_queries", "prefix_hits", "leases", "pinned_blocks", "ep_rank", "ep_size", "draining", "kv_bytes_sent", "kv_bytes_received", "kv_transfers_ok", "kv_transfers_failed")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,10 @@ class Load(_message.Message):
     EP_RANK_FIELD_NUMBER: _ClassVar[int]
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_OK_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_FAILED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     waiting: int
@@ -228,7 +232,11 @@ class Load(_message.Message):
     ep_rank: int
     ep_size: int
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., prefix_queries: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_bytes_sent: int
+    kv_bytes_received: int
+    kv_transfers_ok: int
+    kv_transfers_failed: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., prefix_queries: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transfers_ok: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ...) -> None: ...
 
 class StartKvSendRequest(_message.Message):
     __slots__ = ("lease_id", "receiver_id")

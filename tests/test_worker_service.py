@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.tiny_model import make_tiny_model
+from k2serve.workers.config import ModelConfig
 from k2serve.workers.greedy import greedy_generate
 from k2serve.workers.group_rank import GroupRank, RankSpec
 from k2serve.workers.model_loader import load_model
@@ -132,10 +133,21 @@ def test_prefill_then_decode_matches_the_oracle_and_returns_every_block(
                     *(_disaggregated(p_stub, d_stub, f"pd{i}", p) for i, p in enumerate(prompts))
                 )
                 assert results == oracle
-                for stub in (p_stub, d_stub):
-                    load = await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+                config = ModelConfig.from_model_dir(model_dir)
+                row_bytes = (config.kv_lora_rank + config.qk_rope_head_dim) * 4  # fp32 cache
+                expected = sum(row_bytes * config.num_hidden_layers * len(p) for p in prompts)
+                loads = [await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5) for stub in (p_stub, d_stub)]
+                for load in loads:
                     assert (load.leases, load.pinned_blocks, load.running, load.waiting) == (0, 0, 0, 0)
                     assert load.free_blocks == load.num_blocks
+                    assert load.kv_transfers_failed == 0
+                assert loads[1].kv_bytes_received == expected and loads[1].kv_transfers_ok == len(prompts)
+                for _ in range(100):  # the sender counts its bytes when its side completes
+                    if loads[0].kv_bytes_sent == expected:
+                        break
+                    await asyncio.sleep(0.02)
+                    loads[0] = await p_stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+                assert loads[0].kv_bytes_sent == expected
 
     _run(body)
 

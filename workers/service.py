@@ -42,7 +42,14 @@ from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
 from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.group_rank import GroupRank
 from k2serve.workers.kv_lease import KvLeaseTable
-from k2serve.workers.kv_transfer import CacheKvSink, CacheKvSource, KvLayout, KvReceiver, TransferState
+from k2serve.workers.kv_transfer import (
+    CacheKvSink,
+    CacheKvSource,
+    KvLayout,
+    KvReceiver,
+    KvTransfer,
+    TransferState,
+)
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
 from k2serve.workers.sampling_params import SamplingParams
@@ -102,6 +109,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self._expiry_task: asyncio.Task[None] | None = None
         self._senders: dict[str, object] = {}  # lease id -> live sender (kept until released)
         self._layout_dtype = str(rank.engine.kv_cache[0].dtype).removeprefix("torch.")
+        self.kv_stats = {"sent": 0, "received": 0, "ok": 0, "failed": 0}  # bytes and transfer counts
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -170,6 +178,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             ep_rank=self.rank.ctx.rank,
             ep_size=self.rank.ctx.size,
             draining=self.draining,
+            kv_bytes_sent=self.kv_stats["sent"],
+            kv_bytes_received=self.kv_stats["received"],
+            kv_transfers_ok=self.kv_stats["ok"],
+            kv_transfers_failed=self.kv_stats["failed"],
         )
 
     # ---- RPCs ---------------------------------------------------------------------------------------------
@@ -313,8 +325,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                             raise _RpcError(grpc.StatusCode.UNAVAILABLE, "KV transfer timed out")
                         await asyncio.sleep(0.002)
                     if state is TransferState.FAILED:
+                        self.kv_stats["failed"] += 1
                         raise _RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {receiver.error}")
                     success = True
+                    self.kv_stats["ok"] += 1
+                    self.kv_stats["received"] += receiver.bytes_moved
                 finally:
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await stub.ReleaseKv(
@@ -356,6 +371,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             request.lease_id, request.receiver_id, source, checksum=self.options.checksum
         )
         self._senders[request.lease_id] = sender
+        sender.add_done_callback(self._count_sent)
         return worker_pb2.StartKvSendResponse(transfer_id=request.lease_id)
 
     async def PullKv(
@@ -367,7 +383,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         assert lease is not None
         source = CacheKvSource(self.engine.kv_cache, lease.block_ids, lease.num_tokens)
         for chunk in kv_chunks(source, checksum=self.options.checksum):
+            self.kv_stats["sent"] += len(chunk.data)
             yield chunk
+        self.kv_stats["ok"] += 1
 
     async def ReleaseKv(
         self, request: worker_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext
@@ -439,6 +457,13 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                 logger.warning("lease %s of %s expired unclaimed", lease.lease_id, lease.request_id)
                 self._senders.pop(lease.lease_id, None)
                 await self._release_kv(lease.request_id)
+
+    def _count_sent(self, sender: KvTransfer) -> None:
+        if sender.poll() is TransferState.SUCCESS:
+            self.kv_stats["sent"] += sender.bytes_moved
+            self.kv_stats["ok"] += 1
+        else:
+            self.kv_stats["failed"] += 1
 
     async def _release_kv(self, request_id: str) -> None:
         await self.loop.call(lambda e: e.release_kv(request_id))
