@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
+from ray.exceptions import RayError
 
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.health_probe import HealthProbe
@@ -174,12 +175,18 @@ class Controller:
             await asyncio.sleep(min(0.1, left))
 
     async def loads(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
-        """``GetLoad`` of every ready rank, by worker id."""
+        """``GetLoad`` of every ready rank, by worker id. A group that cannot answer (a rank just died; the
+        health loop will notice) is left out instead of failing the whole call."""
         out: dict[str, dict[str, Any]] = {}
-        for slot in self._slots.values():
-            if slot.state == "ready" and slot.group is not None:
-                loads = await slot.group.load(timeout_s)
-                out.update({r.worker_id: load for r, load in zip(slot.group.ranks, loads, strict=True)})
+        for slot in list(self._slots.values()):
+            group = slot.group
+            if slot.state == "ready" and group is not None:
+                try:
+                    loads = await group.load(timeout_s)
+                except (GroupStartError, RayError) as exc:
+                    logger.warning("%s: no load: %s", group.name, exc)
+                    continue
+                out.update({r.worker_id: load for r, load in zip(group.ranks, loads, strict=True)})
         return out
 
     # ---- operations ------------------------------------------------------------------------------------

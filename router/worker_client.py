@@ -1,22 +1,30 @@
 """``WorkerClient`` and ``Dispatcher``: how the router reaches workers and runs one request on them.
 
 Lifecycle: the router keeps one ``WorkerClient`` (a gRPC channel) per live worker address, from the
-registry's worker set (``Dispatcher.update``). For every request ``Dispatcher.generate`` picks the
-ranks and streams ``TokenEvent``s:
+registry's worker set (``Dispatcher.update``). A worker that leaves the set (dead, draining,
+replaced) gets no new request at once; its channel is closed only after the calls already on it
+have ended (each has its own deadline, so this is bounded by ``request_timeout_s``): closing it
+earlier would cancel them, and a locally cancelled gRPC call raises ``CancelledError`` in the
+request's task, i.e. the request would end without an outcome. ``close()`` closes every channel.
+For every request ``Dispatcher.generate`` picks the ranks and streams ``TokenEvent``s:
 - colocated pool: one ``Generate`` stream on the least-loaded mixed rank;
-- prefill + decode pools: ``Prefill`` on a prefill rank (the first token), then ``Decode`` on a
-  decode rank with the returned ``KvHandle`` (the rest). A prefill that fails with UNAVAILABLE (rank
-  dead or draining) is retried on another prefill rank up to ``prefill_retries`` times; a decode
-  that fails ends the request with ``finish_reason`` ``error`` and the reason — never a hang:
-  every call carries a deadline.
+- prefill + decode pools (any prefill or decode worker in the set): ``Prefill`` on a prefill rank
+  (the first token), then ``Decode`` on a decode rank with the returned ``KvHandle`` (the rest). A
+  prefill that fails with UNAVAILABLE (rank dead, draining or its group failed) is retried on
+  another prefill rank up to ``prefill_retries`` times; a decode that fails ends the request with
+  ``finish_reason`` ``error`` and the reason (the decode rank and the status code) — never a hang:
+  every call carries a deadline. Whenever the decode rank did not take the KV over (no decode
+  worker, the decode failed, the consumer left), the prefill rank is told to release its lease at
+  once (``Abort``, bounded) instead of holding the blocks until the lease expires.
 Load: requests in flight per worker, counted here (the router's own view); ties go round-robin.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -62,24 +70,36 @@ class WorkerClient:
         return cls(endpoint, channel, worker_pb2_grpc.WorkerStub(channel))
 
 
+RELEASE_TIMEOUT_S = 2.0  # telling a prefill rank to drop a lease nobody will pull
+
+
 @dataclass
 class Dispatcher:
     request_timeout_s: float = 600.0
     prefill_retries: int = 1
     _clients: dict[str, WorkerClient] = field(default_factory=dict)
     _turn: itertools.count[int] = field(default_factory=itertools.count)
+    _retiring: dict[asyncio.Task[None], grpc.aio.Channel] = field(default_factory=dict)  # closing after their calls
 
     async def update(self, endpoints: Iterable[WorkerEndpoint]) -> None:
-        """Make the client set equal ``endpoints`` (closes channels of workers that left)."""
+        """Make the client set equal ``endpoints``; the channels of workers that left close once their
+        calls have ended (at most ``request_timeout_s`` from now)."""
         wanted = {e.worker_id: e for e in endpoints}
         for worker_id in list(self._clients):
             client = self._clients[worker_id]
             if worker_id not in wanted or wanted[worker_id] != client.endpoint:
                 del self._clients[worker_id]
-                await client.channel.close()
+                self._retire(client)
         for worker_id, endpoint in wanted.items():
             if worker_id not in self._clients:
                 self._clients[worker_id] = WorkerClient.connect(endpoint)
+
+    def _retire(self, client: WorkerClient) -> None:
+        task = asyncio.get_running_loop().create_task(
+            client.channel.close(grace=self.request_timeout_s), name=f"retire-{client.endpoint.worker_id}"
+        )
+        self._retiring[task] = client.channel
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     @property
     def endpoints(self) -> list[WorkerEndpoint]:
@@ -96,69 +116,92 @@ class Dispatcher:
 
     @property
     def disaggregated(self) -> bool:
+        """Any prefill or decode worker: requests take the two-step path (a missing role is named)."""
         roles = {c.endpoint.role for c in self._clients.values()}
-        return "prefill" in roles and "decode" in roles
+        return bool(roles & {"prefill", "decode"})
 
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: worker_pb2.SamplingParams
     ) -> AsyncIterator[TokenEvent]:
-        if self.disaggregated:
-            async for event in self._disaggregated(request_id, prompt_token_ids, sampling):
-                yield event
-        else:
-            async for event in self._colocated(request_id, prompt_token_ids, sampling):
+        run = self._disaggregated if self.disaggregated else self._colocated
+        # closing this generator closes the inner one now (not whenever it is collected): its cleanup
+        # (the in-flight counts, a lease nobody will pull) runs before aclose() returns
+        async with contextlib.aclosing(run(request_id, prompt_token_ids, sampling)) as events:
+            async for event in events:
                 yield event
 
     async def _colocated(
         self, request_id: str, prompt: Sequence[int], sampling: worker_pb2.SamplingParams
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         client = self._pick("mixed")
         request = worker_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling)
         client.in_flight += 1
         try:
             async for delta in client.stub.Generate(request, timeout=self.request_timeout_s):
-                yield _event(delta)
+                yield _event(delta, f"worker {client.endpoint.worker_id}")
         finally:
             client.in_flight -= 1
 
     async def _disaggregated(
         self, request_id: str, prompt: Sequence[int], sampling: worker_pb2.SamplingParams
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
+        self._pick("decode")  # no decode worker: fail before the prefill pins blocks for nobody
+        prefill, first = await self._prefill(request_id, prompt, sampling)
+        if first.finish_reason:
+            yield TokenEvent((first.first_token_id,), first.finish_reason, usage=first.usage)
+            return
+        handed_over = False  # the decode rank has the KV (it released the lease itself)
+        try:
+            yield TokenEvent((first.first_token_id,))
+            decode = self._pick("decode")
+            decode_request = worker_pb2.DecodeRequest(
+                request_id=request_id,
+                prompt_token_ids=list(prompt),
+                sampling=sampling,
+                first_token_id=first.first_token_id,
+                kv=first.kv,
+                sampler_state=first.sampler_state,
+            )
+            decode.in_flight += 1
+            try:
+                async for delta in decode.stub.Decode(decode_request, timeout=self.request_timeout_s):
+                    handed_over = True  # a delta comes only after the pull (and its release) is done
+                    yield _event(delta, f"decode rank {decode.endpoint.worker_id}")
+            except grpc.aio.AioRpcError as exc:
+                yield TokenEvent((), "error", f"decode rank {decode.endpoint.worker_id}: {_why(exc)}")
+            finally:
+                decode.in_flight -= 1
+        finally:
+            if not handed_over:
+                await self._release(prefill, request_id)
+
+    async def _prefill(
+        self, request_id: str, prompt: Sequence[int], sampling: worker_pb2.SamplingParams
+    ) -> tuple[WorkerClient, worker_pb2.PrefillResponse]:
         request = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling)
         tried: list[str] = []
         while True:
             prefill = self._pick("prefill", exclude=tried)
             prefill.in_flight += 1
             try:
-                first = await prefill.stub.Prefill(request, timeout=self.request_timeout_s)
-                break
+                return prefill, await prefill.stub.Prefill(request, timeout=self.request_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 tried.append(prefill.endpoint.worker_id)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or len(tried) > self.prefill_retries:
                     raise
             finally:
                 prefill.in_flight -= 1
-        if first.finish_reason:
-            yield TokenEvent((first.first_token_id,), first.finish_reason, usage=first.usage)
-            return
-        yield TokenEvent((first.first_token_id,))
-        decode = self._pick("decode")
-        decode_request = worker_pb2.DecodeRequest(
-            request_id=request_id,
-            prompt_token_ids=list(prompt),
-            sampling=sampling,
-            first_token_id=first.first_token_id,
-            kv=first.kv,
-            sampler_state=first.sampler_state,
-        )
-        decode.in_flight += 1
-        try:
-            async for delta in decode.stub.Decode(decode_request, timeout=self.request_timeout_s):
-                yield _event(delta)
-        except grpc.aio.AioRpcError as exc:
-            yield TokenEvent((), "error", f"decode rank {decode.endpoint.worker_id}: {exc.details()}")
-        finally:
-            decode.in_flight -= 1
+
+    async def _release(self, prefill: WorkerClient, request_id: str) -> None:
+        """Best effort, bounded: the prefill rank drops the request's lease. A worker that left the set
+        (draining, say) still holds it, but its retiring channel takes no new call: use a short-lived one."""
+        abort = worker_pb2.AbortRequest(request_id=request_id)
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            if self._clients.get(prefill.endpoint.worker_id) is prefill:
+                await prefill.stub.Abort(abort, timeout=RELEASE_TIMEOUT_S)
+                return
+            async with grpc.aio.insecure_channel(prefill.endpoint.address, options=_CHANNEL_OPTIONS) as channel:
+                await worker_pb2_grpc.WorkerStub(channel).Abort(abort, timeout=RELEASE_TIMEOUT_S)
 
     async def abort(self, request_id: str) -> None:
         """Best effort on every worker (the request may be on any of them); bounded."""
@@ -168,9 +211,22 @@ class Dispatcher:
         await asyncio.gather(*calls, return_exceptions=True)
 
     async def close(self) -> None:
-        await self.update(())
+        """Close every channel now, retiring ones included (calls still on them are cancelled)."""
+        clients, self._clients = list(self._clients.values()), {}
+        retiring, self._retiring = dict(self._retiring), {}
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for channel in [*(c.channel for c in clients), *retiring.values()]:
+            await channel.close()
 
 
-def _event(delta: worker_pb2.TokenDelta) -> TokenEvent:
+def _why(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details() or 'no details'}"
+
+
+def _event(delta: worker_pb2.TokenDelta, where: str) -> TokenEvent:
+    """The delta as an event; an error names the worker it came from."""
     usage = delta.usage if delta.HasField("usage") else None
-    return TokenEvent(tuple(delta.token_ids), delta.finish_reason, delta.error, usage)
+    error = f"{where}: {delta.error or 'no details'}" if delta.finish_reason == "error" else delta.error
+    return TokenEvent(tuple(delta.token_ids), delta.finish_reason, error, usage)

@@ -183,8 +183,8 @@ class _PagedRows:
             cache[self.block_ids[t // bs], : end - t].copy_(rows[t - first_token :])
 
 
-class CacheKvSource:
-    """Reads a request's rows out of the paged cache, whole blocks at a time."""
+class _PagedView:
+    """A request's rows in the paged cache: ``layout`` and ``device`` of a source or a sink."""
 
     def __init__(self, kv_cache: Sequence[torch.Tensor], block_ids: Sequence[int], num_tokens: int) -> None:
         self._rows = _PagedRows(kv_cache, block_ids, num_tokens)
@@ -196,6 +196,10 @@ class CacheKvSource:
     @property
     def device(self) -> torch.device:
         return self._rows.kv[0].device
+
+
+class CacheKvSource(_PagedView):
+    """Reads a request's rows out of the paged cache, whole blocks at a time."""
 
     def layer(self, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
         n, d = self.layout.num_tokens, self.layout.row_dim
@@ -207,19 +211,8 @@ class CacheKvSource:
         return out  # [N, D]
 
 
-class CacheKvSink:
+class CacheKvSink(_PagedView):
     """Writes rows into a request's blocks of the paged cache, whole blocks at a time where it can."""
-
-    def __init__(self, kv_cache: Sequence[torch.Tensor], block_ids: Sequence[int], num_tokens: int) -> None:
-        self._rows = _PagedRows(kv_cache, block_ids, num_tokens)
-
-    @property
-    def layout(self) -> KvLayout:
-        return self._rows.layout
-
-    @property
-    def device(self) -> torch.device:
-        return self._rows.kv[0].device
 
     def write(self, layer: int, first_token: int, rows: torch.Tensor) -> None:
         layout, n = self.layout, rows.shape[0]

@@ -10,11 +10,15 @@ Roles (``options.role``):
 - ``mixed`` (colocated): ``Generate``;
 - ``prefill``: ``Prefill`` computes the prompt and the first token with ``hold_kv``, grants a lease
   on the pinned blocks (``KvLeaseTable``) and returns a ``KvHandle``; ``StartKvSend`` (p2p) or
-  ``PullKv`` (gRPC stream) move the rows; ``ReleaseKv`` (or lease expiry, checked every second)
-  unpins them;
+  ``PullKv`` (gRPC stream) move the rows; ``ReleaseKv``, ``Abort`` of the request or lease expiry
+  (checked every second) unpin them, after stopping a sender that may still read them (unless the
+  receiver reported success). A prefill whose group fails under it ends with UNAVAILABLE and the
+  group's error; whatever a ``Prefill`` holds before its lease exists (its caller gone, a failure)
+  is released by that call;
 - ``decode``: ``Decode`` reserves blocks, pulls the KV named by the handle (p2p by default, the
   gRPC stream when the handle says so), always releases the lease on the prefill rank, then streams
-  the tokens after the first. A failed pull ends the RPC with UNAVAILABLE and frees the reservation.
+  the tokens after the first. A failed pull ends the RPC with UNAVAILABLE; a failed pull or admission,
+  or a caller that leaves, cancels the receiver (it never writes again) and frees the reservation.
 Every rank answers ``Abort`` and ``GetLoad``.
 
 Status codes: INVALID_ARGUMENT (bad field, named), FAILED_PRECONDITION (wrong role),
@@ -41,7 +45,7 @@ from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
 from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.group_rank import GroupRank
-from k2serve.workers.kv_lease import KvLeaseTable
+from k2serve.workers.kv_lease import KvLeaseTable, Lease
 from k2serve.workers.kv_transfer import (
     CacheKvSink,
     CacheKvSource,
@@ -107,7 +111,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self._p2p_server: P2pKvServer | None = None
         self._p2p_client: P2pKvClient | None = None
         self._expiry_task: asyncio.Task[None] | None = None
-        self._senders: dict[str, object] = {}  # lease id -> live sender (kept until released)
+        self._senders: dict[str, KvTransfer] = {}  # lease id -> its p2p sender (kept until the lease ends)
         self._layout_dtype = str(rank.engine.kv_cache[0].dtype).removeprefix("torch.")
         self.kv_stats = {"sent": 0, "received": 0, "ok": 0, "failed": 0}  # bytes and transfer counts
 
@@ -154,6 +158,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         with contextlib.suppress(TimeoutError):
             await self.loop.stop(timeout_s=grace_s)
         for lease in self.leases.expire_all():
+            sender = self._senders.pop(lease.lease_id, None)
+            if sender is not None:
+                sender.cancel("the rank is stopping")
             self.engine.release_kv(lease.request_id)  # the loop is stopped: nothing else touches the engine
         if self._p2p_server is not None:
             self._p2p_server.close()
@@ -219,45 +226,69 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             transport = request.transport or self.options.transport
             if transport not in ("p2p", "grpc"):
                 raise ValueError(f"transport: expected p2p or grpc, got {transport!r}")
-            first = await self._prefill(request, params)
+            return await self._prefill_and_lease(request, params, transport)
         except _RpcError as exc:
             await context.abort(exc.code, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineFailedError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def _prefill_and_lease(
+        self, request: worker_pb2.PrefillRequest, params: SamplingParams, transport: str
+    ) -> worker_pb2.PrefillResponse:
+        """Prefill, then lease the held KV (or release it when the request ends here). Until the lease is
+        in the table nothing else would ever release the held blocks, so every other exit (the caller
+        gone, the group failed under the request, a failed call) releases them here."""
         rid = request.request_id
-        response = worker_pb2.PrefillResponse(request_id=rid, first_token_id=first.new_token_ids[0])
-        response.first_logprobs.extend(logprobs_to_proto(first.logprobs))
-        held = await self.loop.call(lambda e: e.held_kv(rid))
-        if first.finish_reason == "error" or held is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, first.error or "the prefill failed")
-        assert first.usage is not None and held is not None
-        response.usage.CopyFrom(usage_to_proto(first.usage))
-        ends = first.finish_reason == "stop" or params.max_tokens == 1
-        if ends or (first.new_token_ids[0] in self.options.stop_token_ids and not params.ignore_eos):
-            await self.loop.call(lambda e: e.release_kv(rid))
-            response.finish_reason = "length" if params.max_tokens == 1 and first.finish_reason != "stop" else "stop"
-            return response
-        layout = self._layout(held.num_tokens)
-        lease = self.leases.grant(rid, held.block_ids, held.num_tokens, layout)
-        response.sampler_state = held.sampler_state
-        response.kv.CopyFrom(
-            worker_pb2.KvHandle(
-                lease_id=lease.lease_id,
-                prefill_worker_id=self.options.worker_id,
-                prefill_address=self.address,
-                transfer_rendezvous=self._p2p_server.rendezvous if self._p2p_server else "",
-                transport=transport,
-                num_tokens=held.num_tokens,
-                num_layers=layout.num_layers,
-                row_dim=layout.row_dim,
-                dtype=self._layout_dtype,
-                lease_expires_unix_ms=int((time.time() + self.options.lease_ttl_s) * 1000),
-                checksum=self.options.checksum,
+        try:
+            first = await self._prefill(request, params)
+        except (ValueError, EngineFailedError):
+            raise  # refused at admission: this call holds nothing (the id may be another call's)
+        except BaseException:
+            await asyncio.shield(self._release_held(rid))  # e.g. the caller left: it may have finished
+            raise
+        leased = False
+        try:
+            if first.finish_reason == "error" or not first.new_token_ids:
+                raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or f"the prefill of {rid!r} ended early")
+            response = worker_pb2.PrefillResponse(request_id=rid, first_token_id=first.new_token_ids[0])
+            response.first_logprobs.extend(logprobs_to_proto(first.logprobs))
+            held = await self.loop.call(lambda e: e.held_kv(rid))
+            if held is None:
+                raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or "the prefill failed")
+            assert first.usage is not None
+            response.usage.CopyFrom(usage_to_proto(first.usage))
+            ends = first.finish_reason == "stop" or params.max_tokens == 1
+            if ends or (first.new_token_ids[0] in self.options.stop_token_ids and not params.ignore_eos):
+                response.finish_reason = (
+                    "length" if params.max_tokens == 1 and first.finish_reason != "stop" else "stop"
+                )
+                return response
+            layout = self._layout(held.num_tokens)
+            lease = self.leases.grant(rid, held.block_ids, held.num_tokens, layout)
+            leased = True
+            response.sampler_state = held.sampler_state
+            response.kv.CopyFrom(
+                worker_pb2.KvHandle(
+                    lease_id=lease.lease_id,
+                    prefill_worker_id=self.options.worker_id,
+                    prefill_address=self.address,
+                    transfer_rendezvous=self._p2p_server.rendezvous if self._p2p_server else "",
+                    transport=transport,
+                    num_tokens=held.num_tokens,
+                    num_layers=layout.num_layers,
+                    row_dim=layout.row_dim,
+                    dtype=self._layout_dtype,
+                    lease_expires_unix_ms=int((time.time() + self.options.lease_ttl_s) * 1000),
+                    checksum=self.options.checksum,
+                )
             )
-        )
-        return response
+            return response
+        finally:
+            if not leased:
+                await asyncio.shield(self._release_held(rid))
 
     async def _prefill(self, request: worker_pb2.PrefillRequest, params: SamplingParams) -> RequestOutput:
         one = dataclasses.replace(params, max_tokens=1)
@@ -279,6 +310,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TokenDelta]:
         rid, handle = request.request_id, request.kv
+        reserved = False  # this call holds a reservation the engine has not taken over
         try:
             self._admit(context, "decode")
             params = self._params(request.sampling)
@@ -286,11 +318,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             blocks = await self.loop.call(lambda e: e.reserve_kv(rid, handle.num_tokens))
             if blocks is None:
                 raise _RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {handle.num_tokens} tokens")
-            try:
-                await self._pull(handle, blocks)
-            except BaseException:
-                await self.loop.call(lambda e: e.cancel_reservation(rid))
-                raise
+            reserved = True
+            await self._pull(handle, blocks)
             stream = await self.loop.generate_prefilled(
                 rid,
                 list(request.prompt_token_ids),
@@ -301,6 +330,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                 cache_salt=request.cache_salt or None,
             )
             async for output in stream:
+                reserved = False  # admitted: the engine owns the blocks (cancel_reservation is a no-op)
                 yield delta_to_proto(output)
         except _RpcError as exc:
             await context.abort(exc.code, str(exc))
@@ -308,11 +338,17 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineFailedError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            if reserved:  # a failed pull or admission, or the caller left: give the blocks back
+                await asyncio.shield(self._cancel_reservation(rid))
 
     async def _pull(self, handle: worker_pb2.KvHandle, blocks: list[int]) -> None:
-        """Move the handle's rows into ``blocks``; always tells the prefill rank to release the lease."""
+        """Move the handle's rows into ``blocks``; always tells the prefill rank to release the lease.
+        Any exit without success (a failed or timed-out transfer, the caller gone) cancels the receiver
+        first: once ``cancel`` returns it never writes again, so the caller may free ``blocks``."""
         sink = CacheKvSink(self.engine.kv_cache, blocks, handle.num_tokens)
         success = False
+        receiver: KvReceiver | None = None
         try:
             async with grpc.aio.insecure_channel(handle.prefill_address, options=_CHANNEL_OPTIONS) as channel:
                 stub = worker_pb2_grpc.WorkerStub(channel)
@@ -321,16 +357,18 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                     deadline = time.monotonic() + self.options.transfer_timeout_s
                     while (state := receiver.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
                         if time.monotonic() > deadline:
-                            receiver.cancel()
                             raise _RpcError(grpc.StatusCode.UNAVAILABLE, "KV transfer timed out")
                         await asyncio.sleep(0.002)
                     if state is TransferState.FAILED:
-                        self.kv_stats["failed"] += 1
                         raise _RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {receiver.error}")
                     success = True
                     self.kv_stats["ok"] += 1
                     self.kv_stats["received"] += receiver.bytes_moved
                 finally:
+                    if not success:
+                        self.kv_stats["failed"] += 1
+                        if receiver is not None:
+                            receiver.cancel("the decode rank gave up the transfer")
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await stub.ReleaseKv(
                             worker_pb2.ReleaseKvRequest(lease_id=handle.lease_id, success=success), timeout=5.0
@@ -352,9 +390,14 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         receiver = self._p2p_client.start_receive(
             handle.lease_id, handle.prefill_worker_id, handle.transfer_rendezvous, sink, handle.checksum
         )
-        await stub.StartKvSend(
-            worker_pb2.StartKvSendRequest(lease_id=handle.lease_id, receiver_id=self.options.worker_id), timeout=10.0
-        )
+        try:
+            await stub.StartKvSend(
+                worker_pb2.StartKvSendRequest(lease_id=handle.lease_id, receiver_id=self.options.worker_id),
+                timeout=10.0,
+            )
+        except BaseException:  # the prefill rank is gone or refused: nobody will send
+            receiver.cancel("the prefill rank did not start the send")
+            raise
         return receiver
 
     async def StartKvSend(
@@ -367,6 +410,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this rank does not send KV caches")
         assert lease is not None and self._p2p_server is not None
         source = CacheKvSource(self.engine.kv_cache, lease.block_ids, lease.num_tokens)
+        earlier = self._senders.pop(request.lease_id, None)
+        if earlier is not None:  # a retry from another decode rank: one sender per lease reads the blocks
+            earlier.cancel("replaced by a new send of the same lease")
         sender = self._p2p_server.start_send(
             request.lease_id, request.receiver_id, source, checksum=self.options.checksum
         )
@@ -383,6 +429,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         assert lease is not None
         source = CacheKvSource(self.engine.kv_cache, lease.block_ids, lease.num_tokens)
         for chunk in kv_chunks(source, checksum=self.options.checksum):
+            if self.leases.get(request.lease_id) is None:  # released or expired: the blocks may be reused
+                self.kv_stats["failed"] += 1
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
             self.kv_stats["sent"] += len(chunk.data)
             yield chunk
         self.kv_stats["ok"] += 1
@@ -391,10 +440,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReleaseKvResponse:
         lease = self.leases.release(request.lease_id)
-        self._senders.pop(request.lease_id, None)
         if lease is None:
             return worker_pb2.ReleaseKvResponse(released=False)
-        await self._release_kv(lease.request_id)
+        # after a success the sender reads nothing more (the receiver had every row); else stop it first
+        await self._end_lease(lease, None if request.success else "the receiver released the lease")
         return worker_pb2.ReleaseKvResponse(released=True)
 
     async def Abort(
@@ -403,7 +452,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         rid = request.request_id
         found = await self.loop.call(lambda e: e.abort(rid))
         for lease in self.leases.release_request(rid):  # a prefilled request nobody will pull
-            await self._release_kv(lease.request_id)
+            await self._end_lease(lease, "the request was aborted")
             found = True
         return worker_pb2.AbortResponse(found=found)
 
@@ -455,8 +504,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             await asyncio.sleep(1.0)
             for lease in self.leases.expire():
                 logger.warning("lease %s of %s expired unclaimed", lease.lease_id, lease.request_id)
-                self._senders.pop(lease.lease_id, None)
-                await self._release_kv(lease.request_id)
+                await self._end_lease(lease, "the lease expired")
 
     def _count_sent(self, sender: KvTransfer) -> None:
         if sender.poll() is TransferState.SUCCESS:
@@ -467,3 +515,24 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
 
     async def _release_kv(self, request_id: str) -> None:
         await self.loop.call(lambda e: e.release_kv(request_id))
+
+    async def _cancel_reservation(self, request_id: str) -> None:
+        try:
+            await self.loop.call(lambda e: e.cancel_reservation(request_id))
+        except (RuntimeError, TimeoutError) as exc:
+            logger.warning("%s: could not free the reservation of %s: %s", self.options.worker_id, request_id, exc)
+
+    async def _end_lease(self, lease: Lease, cancel_reason: str | None) -> None:
+        """Unpin a lease's blocks; with ``cancel_reason``, first stop a sender that may still read them
+        (``cancel`` returns once it no longer touches its source)."""
+        sender = self._senders.pop(lease.lease_id, None)
+        if sender is not None and cancel_reason is not None:
+            sender.cancel(cancel_reason)
+        await self._release_kv(lease.request_id)
+
+    async def _release_held(self, request_id: str) -> None:
+        """``_release_kv`` on a path that is already failing: a stopped loop must not hide the first error."""
+        try:
+            await self._release_kv(request_id)
+        except (RuntimeError, TimeoutError) as exc:
+            logger.warning("%s: could not release the held KV of %s: %s", self.options.worker_id, request_id, exc)
