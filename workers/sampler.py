@@ -64,6 +64,8 @@ class SamplingState:
         self._output_mirror = torch.empty(0, dtype=torch.int64)  # CPU copy of output ids, grown in place
         self._num_mirrored = 0
         self._prompt_ids: torch.Tensor | None = None
+        self._reasoning_scanned = 0  # output tokens already checked for a reasoning end
+        self._reasoning_ended = False
 
     @classmethod
     def create(
@@ -80,6 +82,22 @@ class SamplingState:
     def masks_stop_ids(self) -> bool:
         """Whether the stop ids are still masked (fewer than ``min_tokens`` generated)."""
         return bool(self.stop_ids_for_min_tokens) and len(self.output_token_ids) < self.params.min_tokens
+
+    @property
+    def forces_reasoning_end(self) -> bool:
+        """Whether the next token must be ``</think>``: the reasoning budget is spent and the model has
+        not ended its reasoning itself (the budget counts every output token before the end)."""
+        budget = self.params.max_reasoning_tokens
+        if budget is None or self._reasoning_ended:
+            return False
+        ends = self.params.reasoning_end_token_ids
+        outputs = self.output_token_ids
+        while self._reasoning_scanned < len(outputs):
+            if outputs[self._reasoning_scanned] in ends:
+                self._reasoning_ended = True
+                return False
+            self._reasoning_scanned += 1
+        return len(outputs) >= budget
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This sequence's own generator on ``device``, seeded on first use."""
@@ -177,6 +195,14 @@ class Sampler:
         if masked:
             pairs = torch.tensor(masked, dtype=torch.int64, device=device)  # [T, 2]
             logits = mask_token_ids(logits, pairs[:, 0], pairs[:, 1])
+        forced = [(i, s.params.reasoning_end_token_ids[0]) for i, s in enumerate(states) if s.forces_reasoning_end]
+        if forced:  # only </think> stays possible: every sampling mode then picks it
+            rows_t = torch.tensor([i for i, _ in forced], dtype=torch.int64, device=device)
+            ids_t = torch.tensor([t for _, t in forced], dtype=torch.int64, device=device)
+            kept = logits[rows_t, ids_t]
+            logits = logits.clone()
+            logits[rows_t] = float("-inf")
+            logits[rows_t, ids_t] = torch.where(torch.isfinite(kept), kept, torch.zeros_like(kept))
         rows = [i for i, s in enumerate(states) if s.params.has_penalties]
         if not rows:
             return logits

@@ -51,15 +51,22 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop ids on top of the model's own
     ignore_eos: bool = False  # do not stop at the model's own stop ids (extra stop_token_ids still stop)
     logprobs: int | None = None  # None = no logprobs; k = the sampled token's plus the top k
+    # Reasoning budget: the output starts inside the model's reasoning (the chat template opened
+    # <think>); after max_reasoning_tokens tokens without one of reasoning_end_token_ids, the engine
+    # forces the first of them (</think>) and the model goes on with its answer.
+    max_reasoning_tokens: int | None = None
+    reasoning_end_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise before checking so the frozen object always holds canonical types.
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             object.__setattr__(self, name, _finite_float(name, getattr(self, name)))
         object.__setattr__(self, "stop_token_ids", _int_tuple("stop_token_ids", self.stop_token_ids))
+        ends = _int_tuple("reasoning_end_token_ids", self.reasoning_end_token_ids)
+        object.__setattr__(self, "reasoning_end_token_ids", ends)
         for name in ("n", "top_k", "min_tokens"):
             _require_int(name, getattr(self, name))
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "max_reasoning_tokens"):
             value = getattr(self, name)
             if value is not None:
                 _require_int(name, value)
@@ -92,7 +99,12 @@ class SamplingParams:
             raise SamplingParamsError("min_tokens", f"{self.min_tokens} is more than max_tokens {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise SamplingParamsError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        negative = [t for t in self.stop_token_ids if t < 0]
+        if self.max_reasoning_tokens is not None:
+            if self.max_reasoning_tokens < 0:
+                raise SamplingParamsError("max_reasoning_tokens", f"must be >= 0, got {self.max_reasoning_tokens}")
+            if not self.reasoning_end_token_ids:
+                raise SamplingParamsError("reasoning_end_token_ids", "a reasoning budget needs the </think> id")
+        negative = [t for t in (*self.stop_token_ids, *self.reasoning_end_token_ids) if t < 0]
         if negative:
             raise SamplingParamsError("stop_token_ids", f"ids {negative[:5]} are negative")
 
@@ -100,9 +112,10 @@ class SamplingParams:
         """Every check; with ``vocab_size`` also that the stop ids are in the vocabulary."""
         self._check_ranges()
         if vocab_size is not None:
-            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-            if bad:
-                raise SamplingParamsError("stop_token_ids", f"ids {bad[:5]} are outside the vocabulary of {vocab_size}")
+            for name in ("stop_token_ids", "reasoning_end_token_ids"):
+                bad = [t for t in getattr(self, name) if not 0 <= t < vocab_size]
+                if bad:
+                    raise SamplingParamsError(name, f"ids {bad[:5]} are outside the vocabulary of {vocab_size}")
 
     @property
     def is_greedy(self) -> bool:

@@ -14,7 +14,17 @@ from k2serve.workers.engine import RequestOutput, Usage
 from k2serve.workers.sampler import TokenLogprobs
 from k2serve.workers.sampling_params import SamplingParams
 
-_OPTIONAL = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens", "logprobs", "n")
+_OPTIONAL = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "max_tokens",
+    "logprobs",
+    "n",
+    "max_reasoning_tokens",
+)
 _PLAIN = ("min_p", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos")
 
 
@@ -23,11 +33,14 @@ def sampling_from_proto(message: worker_pb2.SamplingParams) -> SamplingParams:
     kwargs: dict[str, object] = {name: getattr(message, name) for name in _OPTIONAL if message.HasField(name)}
     kwargs |= {name: getattr(message, name) for name in _PLAIN}
     kwargs["stop_token_ids"] = tuple(message.stop_token_ids)
+    kwargs["reasoning_end_token_ids"] = tuple(message.reasoning_end_token_ids)
     return SamplingParams(**kwargs)  # type: ignore[arg-type]
 
 
 def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
-    message = worker_pb2.SamplingParams(stop_token_ids=list(params.stop_token_ids))
+    message = worker_pb2.SamplingParams(
+        stop_token_ids=list(params.stop_token_ids), reasoning_end_token_ids=list(params.reasoning_end_token_ids)
+    )
     for name in (*_OPTIONAL, *_PLAIN):
         value = getattr(params, name)
         if value is not None:
