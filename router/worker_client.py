@@ -12,7 +12,10 @@ For every request ``Dispatcher.generate`` picks the ranks and streams ``TokenEve
   (the first token), then ``Decode`` on a decode rank with the returned ``KvHandle`` (the rest). A
   prefill that fails with UNAVAILABLE (rank dead, draining or its group failed) is retried on
   another prefill rank up to ``prefill_retries`` times; a decode that fails ends the request with
-  ``finish_reason`` ``error`` and the reason (the decode rank and the status code) — never a hang:
+  ``finish_reason`` ``error`` and the reason (the decode rank and the status code), except a decode
+  whose KV pull failed before any token (its prefill rank died or dropped the lease): that request
+  is prefilled again on another prefill rank (``pull_retries`` times; the client keeps the first
+  token it already has, the decode starts from it) — never a hang:
   every call carries a deadline. Whenever the decode rank did not take the KV over (no decode
   worker, the decode failed, the consumer left), the prefill rank is told to release its lease at
   once (``Abort``, bounded) instead of holding the blocks until the lease expires.
@@ -76,7 +79,8 @@ RELEASE_TIMEOUT_S = 2.0  # telling a prefill rank to drop a lease nobody will pu
 @dataclass
 class Dispatcher:
     request_timeout_s: float = 600.0
-    prefill_retries: int = 1
+    prefill_retries: int = 1  # a Prefill that fails with UNAVAILABLE goes to another prefill rank this often
+    pull_retries: int = 1  # a Decode whose KV pull failed re-prefills on another prefill rank; 0 = fail at once
     _clients: dict[str, WorkerClient] = field(default_factory=dict)
     _turn: itertools.count[int] = field(default_factory=itertools.count)
     _retiring: dict[asyncio.Task[None], grpc.aio.Channel] = field(default_factory=dict)  # closing after their calls
@@ -151,35 +155,58 @@ class Dispatcher:
             yield TokenEvent((first.first_token_id,), first.finish_reason, usage=first.usage)
             return
         handed_over = False  # the decode rank has the KV (it released the lease itself)
+        tried = [prefill.endpoint.worker_id]
+        first_token_id = first.first_token_id
         try:
             yield TokenEvent((first.first_token_id,))
-            decode = self._pick("decode")
-            decode_request = worker_pb2.DecodeRequest(
-                request_id=request_id,
-                prompt_token_ids=list(prompt),
-                sampling=sampling,
-                first_token_id=first.first_token_id,
-                kv=first.kv,
-                sampler_state=first.sampler_state,
-            )
-            decode.in_flight += 1
-            try:
-                async for delta in decode.stub.Decode(decode_request, timeout=self.request_timeout_s):
-                    handed_over = True  # a delta comes only after the pull (and its release) is done
-                    yield _event(delta, f"decode rank {decode.endpoint.worker_id}")
-            except grpc.aio.AioRpcError as exc:
-                yield TokenEvent((), "error", f"decode rank {decode.endpoint.worker_id}: {_why(exc)}")
-            finally:
-                decode.in_flight -= 1
+            while True:
+                decode = self._pick("decode")
+                decode_request = worker_pb2.DecodeRequest(
+                    request_id=request_id,
+                    prompt_token_ids=list(prompt),
+                    sampling=sampling,
+                    first_token_id=first_token_id,  # the client has it: a re-prefill keeps it
+                    kv=first.kv,
+                    sampler_state=first.sampler_state,
+                )
+                decode.in_flight += 1
+                try:
+                    async for delta in decode.stub.Decode(decode_request, timeout=self.request_timeout_s):
+                        handed_over = True  # a delta comes only after the pull (and its release) is done
+                        yield _event(delta, f"decode rank {decode.endpoint.worker_id}")
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if handed_over or not _pull_failed(exc) or len(tried) > self.pull_retries:
+                        yield TokenEvent((), "error", f"decode rank {decode.endpoint.worker_id}: {_why(exc)}")
+                        return
+                    failed = f"decode rank {decode.endpoint.worker_id}: {_why(exc)}"
+                finally:
+                    decode.in_flight -= 1
+                # the KV could not be pulled (its prefill rank died or dropped it): prefill it again elsewhere
+                await self._release(prefill, request_id)
+                try:
+                    prefill, first = await self._prefill(request_id, prompt, sampling, exclude=tried)
+                except (grpc.aio.AioRpcError, NoWorkerError) as exc:
+                    why = _why(exc) if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                    yield TokenEvent((), "error", f"{failed}; re-prefill failed: {why}")
+                    return
+                tried.append(prefill.endpoint.worker_id)
+                if first.finish_reason:  # a sampled re-prefill that ended at once: no KV to hand over
+                    yield TokenEvent((), "error", f"{failed}; the re-prefill ended the request ({first.finish_reason})")
+                    return
         finally:
             if not handed_over:
                 await self._release(prefill, request_id)
 
     async def _prefill(
-        self, request_id: str, prompt: Sequence[int], sampling: worker_pb2.SamplingParams
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        sampling: worker_pb2.SamplingParams,
+        exclude: Sequence[str] = (),
     ) -> tuple[WorkerClient, worker_pb2.PrefillResponse]:
         request = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling)
-        tried: list[str] = []
+        tried: list[str] = list(exclude)
         while True:
             prefill = self._pick("prefill", exclude=tried)
             prefill.in_flight += 1
@@ -187,7 +214,7 @@ class Dispatcher:
                 return prefill, await prefill.stub.Prefill(request, timeout=self.request_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 tried.append(prefill.endpoint.worker_id)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or len(tried) > self.prefill_retries:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or len(tried) - len(exclude) > self.prefill_retries:
                     raise
             finally:
                 prefill.in_flight -= 1
@@ -219,6 +246,12 @@ class Dispatcher:
         await asyncio.gather(*retiring, return_exceptions=True)
         for channel in [*(c.channel for c in clients), *retiring.values()]:
             await channel.close()
+
+
+def _pull_failed(exc: grpc.aio.AioRpcError) -> bool:
+    """The decode rank could not get the KV from the prefill rank (the service's UNAVAILABLE messages)."""
+    details = exc.details() or ""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and ("KV transfer" in details or "prefill rank" in details)
 
 
 def _why(exc: grpc.aio.AioRpcError) -> str:

@@ -217,3 +217,41 @@ def test_unclaimed_lease_expires_and_drain_refuses_new_work(model_dir: Path) -> 
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
     _run(body)
+
+
+def test_a_failed_kv_pull_is_prefilled_again_on_another_rank(
+    model_dir: Path, prompts: list[list[int]], oracle: list[list[int]]
+) -> None:
+    from k2serve.router.worker_client import Dispatcher, WorkerEndpoint
+
+    async def body() -> None:
+        spec = RankSpec(model_dir=model_dir, num_blocks=128, block_size=4, max_model_len=256)
+        servers = []
+        try:
+            # the first prefill rank's leases are dead on arrival: every pull from it fails
+            for worker_id, role, ttl in (
+                ("p-broken", "prefill", 1e-6),
+                ("p-good", "prefill", 30.0),
+                ("d", "decode", 30.0),
+            ):
+                rank = await asyncio.to_thread(GroupRank.build, spec)
+                servers.append(await WorkerServer.start(rank, WorkerOptions(worker_id, role, lease_ttl_s=ttl)))  # type: ignore[arg-type]
+            for retries, expect_ok in ((1, True), (0, False)):
+                dispatcher = Dispatcher(pull_retries=retries)
+                await dispatcher.update(WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in servers)
+                for i in range(2):  # the two prefill ranks take turns: one request hits the broken one first
+                    events = [e async for e in dispatcher.generate(f"retry{retries}-{i}", prompts[i], _greedy())]
+                    tokens = [t for e in events for t in e.token_ids]
+                    if expect_ok:
+                        assert tokens == oracle[i] and events[-1].finish_reason == "length"
+                    elif events[-1].finish_reason == "error":
+                        assert "KV transfer" in events[-1].error or "prefill rank" in events[-1].error
+                await dispatcher.close()
+            for server in servers:
+                load = server.load()
+                assert (load.pinned_blocks, load.running) == (0, 0)
+        finally:
+            for server in servers:
+                await server.stop(grace_s=2.0)
+
+    _run(body)

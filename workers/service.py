@@ -387,18 +387,13 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             )
         if self._p2p_client is None:
             raise _RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this rank has no p2p KV client")
-        receiver = self._p2p_client.start_receive(
+        # the sender first: a prefill rank that is gone or refuses (lease expired) costs no receive thread
+        await stub.StartKvSend(
+            worker_pb2.StartKvSendRequest(lease_id=handle.lease_id, receiver_id=self.options.worker_id), timeout=10.0
+        )
+        return self._p2p_client.start_receive(
             handle.lease_id, handle.prefill_worker_id, handle.transfer_rendezvous, sink, handle.checksum
         )
-        try:
-            await stub.StartKvSend(
-                worker_pb2.StartKvSendRequest(lease_id=handle.lease_id, receiver_id=self.options.worker_id),
-                timeout=10.0,
-            )
-        except BaseException:  # the prefill rank is gone or refused: nobody will send
-            receiver.cancel("the prefill rank did not start the send")
-            raise
-        return receiver
 
     async def StartKvSend(
         self, request: worker_pb2.StartKvSendRequest, context: grpc.aio.ServicerContext
