@@ -97,6 +97,19 @@ class _RpcError(Exception):
         self.code = code
 
 
+@contextlib.asynccontextmanager
+async def _status_codes(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Typed failures inside an RPC -> its gRPC status (``context.abort`` raises and ends the RPC)."""
+    try:
+        yield
+    except _RpcError as exc:
+        await context.abort(exc.code, str(exc))
+    except ValueError as exc:  # SamplingParamsError, RequestValidationError: the message names the field
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except EngineFailedError as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+
 class WorkerServer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, rank: GroupRank, options: WorkerOptions) -> None:
         self.rank = rank
@@ -196,7 +209,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TokenDelta]:
-        try:
+        async with _status_codes(context):
             self._admit(context, "mixed")
             params = self._params(request.sampling)
             stream = await self.loop.generate(
@@ -208,17 +221,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             )
             async for output in stream:
                 yield delta_to_proto(output)
-        except _RpcError as exc:
-            await context.abort(exc.code, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineFailedError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
-        try:
+        async with _status_codes(context):
             self._admit(context, "prefill")
             params = self._params(request.sampling)
             if params.n != 1:
@@ -227,12 +234,6 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             if transport not in ("p2p", "grpc"):
                 raise ValueError(f"transport: expected p2p or grpc, got {transport!r}")
             return await self._prefill_and_lease(request, params, transport)
-        except _RpcError as exc:
-            await context.abort(exc.code, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineFailedError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         raise AssertionError("unreachable: context.abort raises")
 
     async def _prefill_and_lease(
@@ -312,32 +313,27 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         rid, handle = request.request_id, request.kv
         reserved = False  # this call holds a reservation the engine has not taken over
         try:
-            self._admit(context, "decode")
-            params = self._params(request.sampling)
-            self._check_handle(request)
-            blocks = await self.loop.call(lambda e: e.reserve_kv(rid, handle.num_tokens))
-            if blocks is None:
-                raise _RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {handle.num_tokens} tokens")
-            reserved = True
-            await self._pull(handle, blocks)
-            stream = await self.loop.generate_prefilled(
-                rid,
-                list(request.prompt_token_ids),
-                params,
-                request.first_token_id,
-                sampler_state=request.sampler_state,
-                priority=request.priority,
-                cache_salt=request.cache_salt or None,
-            )
-            async for output in stream:
-                reserved = False  # admitted: the engine owns the blocks (cancel_reservation is a no-op)
-                yield delta_to_proto(output)
-        except _RpcError as exc:
-            await context.abort(exc.code, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineFailedError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            async with _status_codes(context):
+                self._admit(context, "decode")
+                params = self._params(request.sampling)
+                self._check_handle(request)
+                blocks = await self.loop.call(lambda e: e.reserve_kv(rid, handle.num_tokens))
+                if blocks is None:
+                    raise _RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {handle.num_tokens} tokens")
+                reserved = True
+                await self._pull(handle, blocks)
+                stream = await self.loop.generate_prefilled(
+                    rid,
+                    list(request.prompt_token_ids),
+                    params,
+                    request.first_token_id,
+                    sampler_state=request.sampler_state,
+                    priority=request.priority,
+                    cache_salt=request.cache_salt or None,
+                )
+                async for output in stream:
+                    reserved = False  # admitted: the engine owns the blocks (cancel_reservation is a no-op)
+                    yield delta_to_proto(output)
         finally:
             if reserved:  # a failed pull or admission, or the caller left: give the blocks back
                 await asyncio.shield(self._cancel_reservation(rid))
