@@ -114,7 +114,9 @@ async def _route(config: ClusterConfig, registry_address: str, tokenizer: KimiTo
     follower = asyncio.create_task(_follow(registry, dispatcher), name="registry-watch")
     app = build_app(dispatcher, tokenizer, Path(config.model).name)
     settings = config.router
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="off")
+    )
     # uvicorn turns SIGINT/SIGTERM into a graceful stop of the HTTP server; the cluster stops after it
     serving = asyncio.create_task(server.serve(), name="http")
     for _ in range(600):  # bounded: 60 s for the socket to be up
