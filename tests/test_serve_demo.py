@@ -1,6 +1,7 @@
-"""``k2serve serve --demo`` from the command line: it writes the tiny model, starts a local Ray, one
-prefill and one decode group of EP=2 and the router, answers a streaming completion (tokens from
-the prefill rank, then the decode rank), and stops cleanly on SIGTERM with no Ray process left."""
+"""``k2serve serve --demo`` and ``k2serve cluster --config`` from the command line: the demo writes the
+tiny model, starts a local Ray, one prefill and one decode group of EP=2 and the router; the
+cluster entry does the same from a colocated YAML. Each answers a streaming completion and stops
+cleanly on SIGTERM with no Ray process left."""
 
 from __future__ import annotations
 
@@ -15,12 +16,31 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
+import yaml
+
+from k2serve.cluster.config import ClusterConfig
+from k2serve.tiny_model import make_tiny_model
 
 READY_TIMEOUT_S = 150  # the acceptance goal is < 60 s on 2 cores; the test tolerates a loaded machine
 
 
-def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "k2serve", "serve", "--demo", "--demo-dir", str(tmp_path / "demo"), "--port", "0"]
+def _cluster_yaml(tmp_path: Path) -> Path:
+    """A colocated head-node config for ``k2serve cluster``: one group of EP=2 ranks serving Generate."""
+    model = make_tiny_model(tmp_path / "model", preset="tiny")
+    config = ClusterConfig.demo(model, colocated=True).to_dict()
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("entry", ["serve --demo", "cluster --config"])
+def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path, entry: str) -> None:
+    if entry == "serve --demo":
+        args = ["serve", "--demo", "--demo-dir", str(tmp_path / "demo")]
+    else:
+        args = ["cluster", "--config", str(_cluster_yaml(tmp_path))]
+    command = [sys.executable, "-m", "k2serve", *args, "--port", "0"]
     started = time.monotonic()
     proc = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -41,7 +61,7 @@ def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path) -> No
             if match := re.search(r"ready at (http://\S+)", line):
                 url = match.group(1)
         ready_s = time.monotonic() - started
-        print(f"serve --demo ready in {ready_s:.1f}s")
+        print(f"{entry} ready in {ready_s:.1f}s")
 
         body = json.dumps({"prompt": "Hello, Kimi", "max_tokens": 6, "temperature": 0, "stream": True}).encode()
         request = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
@@ -50,7 +70,7 @@ def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path) -> No
             events = [line.decode().removeprefix("data: ").strip() for line in response if line.startswith(b"data: ")]
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
-        assert len(chunks) == 6  # the first token from the prefill rank, five from the decode rank
+        assert len(chunks) == 6  # demo: the first token from the prefill rank, five from the decode rank
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert chunks[-1]["usage"]["completion_tokens"] == 6
     finally:
