@@ -115,8 +115,9 @@ class Dispatcher:
         ]
         if not candidates:
             raise NoWorkerError(f"no live {role} worker")
-        turn = next(self._turn)
-        return min(candidates, key=lambda c: (c.in_flight, (hash(c.endpoint.worker_id) + turn) % 997))
+        least = min(c.in_flight for c in candidates)
+        tied = sorted((c for c in candidates if c.in_flight == least), key=lambda c: c.endpoint.worker_id)
+        return tied[next(self._turn) % len(tied)]  # ties take turns, in worker-id order
 
     @property
     def disaggregated(self) -> bool:

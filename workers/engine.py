@@ -125,6 +125,7 @@ class Engine:
         self.sampler = Sampler()
         self.lockstep = lockstep
         self.failure: str | None = None  # the group error that stopped this engine
+        self.num_steps = 0  # steps that ran the model here: forward passes, and empty steps in a group
         self._requests: dict[str, Request] = {}  # live children by id
         self._children: dict[str, list[str]] = {}  # parent id -> child ids
         self._pending_siblings: dict[str, list[Request]] = {}  # child-0 id -> siblings waiting for its prompt
@@ -277,6 +278,7 @@ class Engine:
             if not self._group_runs(plan):
                 return outputs
             logits = self._forward(plan)
+            self.num_steps += 1
         except GroupError as exc:
             self._fail_group(exc, outputs)
             raise
@@ -321,6 +323,7 @@ class Engine:
             return False
         if plan.is_empty:
             self.model.idle_step()
+            self.num_steps += 1
             self.lockstep.finish_step()
             return False
         return True

@@ -132,11 +132,9 @@ class GroupRank:
         return cls(spec, ctx, engine, dispatcher, balancer)
 
     def step(self) -> list[RequestOutput]:
-        started = time.perf_counter()
-        steps_before = self.engine.lockstep.steps if self.engine.lockstep is not None else None
+        started, steps_before = time.perf_counter(), self.engine.num_steps
         outputs = self.engine.step()
-        ran = self.engine.lockstep.steps != steps_before if self.engine.lockstep is not None else bool(outputs)
-        if ran:
+        if self.engine.num_steps != steps_before:  # an all-idle group poll does not count
             self.step_seconds.append(time.perf_counter() - started)
         return outputs
 
@@ -250,21 +248,10 @@ def _serve(rank: GroupRank, pending: list[OfflineRequest], out: IO[str], max_ste
         except GroupError as exc:
             logger.error("rank %d: %s", rank.ctx.rank, exc)
             _write(out, rank.ctx.rank, engine.drain_finished())
-            for request in pending:  # never admitted: they fail too, exactly once
-                out.write(
-                    json.dumps(
-                        {
-                            "rank": rank.ctx.rank,
-                            "request_id": request.request_id,
-                            "index": 0,
-                            "new_token_ids": [],
-                            "finish_reason": "error",
-                            "error": str(exc),
-                        }
-                    )
-                    + "\n"
-                )
-            out.flush()
+            never_admitted = [
+                RequestOutput(r.request_id, 0, (), finish_reason="error", error=str(exc)) for r in pending
+            ]
+            _write(out, rank.ctx.rank, never_admitted)  # they fail too, exactly once
             return 3
         _write(out, rank.ctx.rank, outputs)
         if lockstep is not None and lockstep.last is not None and lockstep.last.all_done:
