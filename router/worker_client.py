@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -54,6 +54,7 @@ class TokenEvent:
     finish_reason: str = ""  # "" until the last event
     error: str = ""
     usage: worker_pb2.Usage | None = None
+    logprobs: tuple[worker_pb2.TokenLogprob, ...] = ()  # one per id when the sampling asks for them
 
 
 class NoWorkerError(RuntimeError):
@@ -126,54 +127,70 @@ class Dispatcher:
         return bool(roles & {"prefill", "decode"})
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: worker_pb2.SamplingParams
-    ) -> AsyncIterator[TokenEvent]:
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: worker_pb2.SamplingParams,
+        *,
+        cache_salt: str = "",
+        timeout_s: float | None = None,
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """The request's token events; ``timeout_s`` (the client's deadline) bounds every call it makes."""
+        call = _Call(request_id, tuple(prompt_token_ids), sampling, cache_salt, timeout_s or self.request_timeout_s)
         run = self._disaggregated if self.disaggregated else self._colocated
         # closing this generator closes the inner one now (not whenever it is collected): its cleanup
         # (the in-flight counts, a lease nobody will pull) runs before aclose() returns
-        async with contextlib.aclosing(run(request_id, prompt_token_ids, sampling)) as events:
+        async with contextlib.aclosing(run(call)) as events:
             async for event in events:
                 yield event
 
-    async def _colocated(
-        self, request_id: str, prompt: Sequence[int], sampling: worker_pb2.SamplingParams
-    ) -> AsyncGenerator[TokenEvent, None]:
+    async def _colocated(self, call: _Call) -> AsyncGenerator[TokenEvent, None]:
         client = self._pick("mixed")
-        request = worker_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling)
+        request = worker_pb2.GenerateRequest(
+            request_id=call.request_id,
+            prompt_token_ids=list(call.prompt),
+            sampling=call.sampling,
+            cache_salt=call.cache_salt,
+        )
         client.in_flight += 1
         try:
-            async for delta in client.stub.Generate(request, timeout=self.request_timeout_s):
+            async for delta in client.stub.Generate(request, timeout=call.timeout_s):
                 yield _event(delta, f"worker {client.endpoint.worker_id}")
         finally:
             client.in_flight -= 1
 
-    async def _disaggregated(
-        self, request_id: str, prompt: Sequence[int], sampling: worker_pb2.SamplingParams
-    ) -> AsyncGenerator[TokenEvent, None]:
+    async def _disaggregated(self, call: _Call) -> AsyncGenerator[TokenEvent, None]:
+        request_id = call.request_id
         self._pick("decode")  # no decode worker: fail before the prefill pins blocks for nobody
-        prefill, first = await self._prefill(request_id, prompt, sampling)
+        prefill, first = await self._prefill(call)
         if first.finish_reason:
-            yield TokenEvent((first.first_token_id,), first.finish_reason, usage=first.usage)
+            yield TokenEvent(
+                (first.first_token_id,), first.finish_reason, usage=first.usage, logprobs=_first_logprobs(first)
+            )
             return
         handed_over = False  # the decode rank has the KV (it released the lease itself)
         tried = [prefill.endpoint.worker_id]
         first_token_id = first.first_token_id
         try:
-            yield TokenEvent((first.first_token_id,))
+            yield TokenEvent((first.first_token_id,), logprobs=_first_logprobs(first))
+            cached_tokens = first.usage.cached_tokens  # the prefill rank's prefix-cache hit
             while True:
                 decode = self._pick("decode")
                 decode_request = worker_pb2.DecodeRequest(
                     request_id=request_id,
-                    prompt_token_ids=list(prompt),
-                    sampling=sampling,
+                    prompt_token_ids=list(call.prompt),
+                    sampling=call.sampling,
                     first_token_id=first_token_id,  # the client has it: a re-prefill keeps it
                     kv=first.kv,
                     sampler_state=first.sampler_state,
+                    cache_salt=call.cache_salt,
                 )
                 decode.in_flight += 1
                 try:
-                    async for delta in decode.stub.Decode(decode_request, timeout=self.request_timeout_s):
+                    async for delta in decode.stub.Decode(decode_request, timeout=call.timeout_s):
                         handed_over = True  # a delta comes only after the pull (and its release) is done
+                        if delta.HasField("usage"):
+                            delta.usage.cached_tokens = max(delta.usage.cached_tokens, cached_tokens)
                         yield _event(delta, f"decode rank {decode.endpoint.worker_id}")
                     return
                 except grpc.aio.AioRpcError as exc:
@@ -186,12 +203,13 @@ class Dispatcher:
                 # the KV could not be pulled (its prefill rank died or dropped it): prefill it again elsewhere
                 await self._release(prefill, request_id)
                 try:
-                    prefill, first = await self._prefill(request_id, prompt, sampling, exclude=tried)
+                    prefill, first = await self._prefill(call, exclude=tried)
                 except (grpc.aio.AioRpcError, NoWorkerError) as exc:
                     why = _why(exc) if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                     yield TokenEvent((), "error", f"{failed}; re-prefill failed: {why}")
                     return
                 tried.append(prefill.endpoint.worker_id)
+                cached_tokens = first.usage.cached_tokens
                 if first.finish_reason:  # a sampled re-prefill that ended at once: no KV to hand over
                     yield TokenEvent((), "error", f"{failed}; the re-prefill ended the request ({first.finish_reason})")
                     return
@@ -200,19 +218,20 @@ class Dispatcher:
                 await self._release(prefill, request_id)
 
     async def _prefill(
-        self,
-        request_id: str,
-        prompt: Sequence[int],
-        sampling: worker_pb2.SamplingParams,
-        exclude: Sequence[str] = (),
+        self, call: _Call, exclude: Sequence[str] = ()
     ) -> tuple[WorkerClient, worker_pb2.PrefillResponse]:
-        request = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling)
+        request = worker_pb2.PrefillRequest(
+            request_id=call.request_id,
+            prompt_token_ids=list(call.prompt),
+            sampling=call.sampling,
+            cache_salt=call.cache_salt,
+        )
         tried: list[str] = list(exclude)
         while True:
             prefill = self._pick("prefill", exclude=tried)
             prefill.in_flight += 1
             try:
-                return prefill, await prefill.stub.Prefill(request, timeout=self.request_timeout_s)
+                return prefill, await prefill.stub.Prefill(request, timeout=call.timeout_s)
             except grpc.aio.AioRpcError as exc:
                 tried.append(prefill.endpoint.worker_id)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or len(tried) - len(exclude) > self.prefill_retries:
@@ -263,4 +282,19 @@ def _event(delta: worker_pb2.TokenDelta, where: str) -> TokenEvent:
     """The delta as an event; an error names the worker it came from."""
     usage = delta.usage if delta.HasField("usage") else None
     error = f"{where}: {delta.error or 'no details'}" if delta.finish_reason == "error" else delta.error
-    return TokenEvent(tuple(delta.token_ids), delta.finish_reason, error, usage)
+    return TokenEvent(tuple(delta.token_ids), delta.finish_reason, error, usage, tuple(delta.logprobs))
+
+
+def _first_logprobs(first: worker_pb2.PrefillResponse) -> tuple[worker_pb2.TokenLogprob, ...]:
+    return tuple(first.first_logprobs)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One request as the dispatcher sends it."""
+
+    request_id: str
+    prompt: tuple[int, ...]
+    sampling: worker_pb2.SamplingParams
+    cache_salt: str
+    timeout_s: float
