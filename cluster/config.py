@@ -48,6 +48,11 @@ class RouterSettings:
     port: int = 8000  # REST (OpenAI / Anthropic)
     grpc_port: int = 50051
     policy: str = "auto"  # the router's name for a balancing policy; the router validates it
+    served_model_name: str | None = None  # None = the model folder's name
+    max_running: int = 256  # admission: choices running at once through this router
+    max_waiting: int = 1024  # admission: requests queued beyond that (more -> 429)
+    max_wait_s: float = 30.0  # admission: the longest a request queues before 429
+    max_body_bytes: int = 8 * 2**20  # REST bodies over this -> 413
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,17 @@ def _read_router(r: ConfigReader) -> RouterSettings:
     policy = r.text("policy", d.policy)
     if not _POLICY.match(policy):
         raise ClusterConfigError(r.where("policy"), f"expected a lower-case name like 'auto', got {policy!r}")
-    out = RouterSettings(r.text("host", d.host), r.port("port", d.port), r.port("grpc_port", d.grpc_port), policy)
+    out = RouterSettings(
+        r.text("host", d.host),
+        r.port("port", d.port),
+        r.port("grpc_port", d.grpc_port),
+        policy,
+        r.optional_text("served_model_name"),
+        r.integer("max_running", d.max_running, minimum=1),
+        r.integer("max_waiting", d.max_waiting, minimum=0),
+        r.number("max_wait_s", d.max_wait_s, minimum=0.0),
+        r.integer("max_body_bytes", d.max_body_bytes, minimum=1024),
+    )
     r.finish()
     return out
 

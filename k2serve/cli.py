@@ -49,6 +49,12 @@ def _bench_kv_transfer(args: argparse.Namespace) -> int:
     return run_bench_kv_transfer(args)
 
 
+def _bench_router(args: argparse.Namespace) -> int:
+    from k2serve.bench_router import run_bench_router
+
+    return run_bench_router(args)
+
+
 def _bench_kernels(args: argparse.Namespace) -> int:
     from k2serve.kernels.bench import run_bench_kernels
 
@@ -86,6 +92,32 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_worker)
 
 
+def _router(args: argparse.Namespace) -> int:
+    from k2serve.router_main import run_router
+
+    return run_router(args)
+
+
+def _add_router(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("router", help="run a router (REST + gRPC) in front of a registry's workers or a fixed list")
+    p.add_argument("model", help="model folder (tokenizer, chat template and config.json; no weights are read)")
+    p.add_argument("--registry", default=None, help="HOST:PORT of the controller's registry (follow its workers)")
+    p.add_argument("--worker", action="append", help="a fixed worker ID=ROLE@HOST:PORT (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (REST and gRPC)")
+    p.add_argument("--port", type=int, default=8000, help="REST port (0 = any free port)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0 = any, -1 = none)")
+    p.add_argument("--policy", default="auto", help="routing policy (auto, round_robin, least_load, prefix, session)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: config.json)")
+    p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also K2SERVE_API_KEYS)")
+    p.add_argument("--max-running", type=int, default=256, help="admission: choices running at once")
+    p.add_argument("--max-waiting", type=int, default=1024, help="admission: queued requests before 429")
+    p.add_argument("--max-wait", type=float, default=30.0, help="admission: seconds queued before 429")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="REST bodies over this get 413")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    p.set_defaults(func=_router)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from k2serve.serve import run_serve
 
@@ -106,6 +138,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--colocated", action="store_true", help="one colocated pool instead of prefill + decode")
         p.add_argument("--host", default=None, help="router interface (default from the config: 127.0.0.1)")
         p.add_argument("--port", type=int, default=None, help="router HTTP port (0 = any free port)")
+        p.add_argument("--grpc-port", type=int, default=None, help="router gRPC port (0 = any free port)")
         p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every group")
         p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
         p.set_defaults(func=_serve)
@@ -150,6 +183,15 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     kv.add_argument("--timeout", type=float, default=120.0, help="seconds any one transfer may take")
     kv.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     kv.set_defaults(func=_bench_kv_transfer)
+    router = which.add_parser("router", help="latency the router adds (REST, gRPC) vs a worker's gRPC stream")
+    router.add_argument("--model", required=True, help="model folder (e.g. from make-tiny-model --preset tiny)")
+    router.add_argument("--concurrency", type=int, nargs="+", default=(1, 8))
+    router.add_argument("--reps", type=int, default=10, help="rounds per concurrency (each: a batch per path)")
+    router.add_argument("--prompt-tokens", type=int, default=32)
+    router.add_argument("--output-tokens", type=int, default=32)
+    router.add_argument("--seed", type=int, default=0)
+    router.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
+    router.set_defaults(func=_bench_router)
     kernels = which.add_parser("kernels", help="GPU kernel roofline benchmark (needs CUDA)")
     kernels.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     kernels.add_argument("--quick", action="store_true", help="a few cells only (a smoke run, not for the record)")
@@ -195,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_worker(sub)
     _add_serve(sub)
+    _add_router(sub)
     return parser
 
 

@@ -3,10 +3,10 @@
 Lifecycle: resolve a ``ClusterConfig`` (``--config FILE``; or ``MODEL_DIR`` with the demo layout;
 or ``--demo``, which first writes the tiny model to a cache folder) -> start or join Ray
 (``RayRuntime``, token auth on) -> launch the ``Controller`` (it places and starts every worker
-group and serves the registry) -> wait until every group is ready -> run the router: a
-``Dispatcher`` kept equal to the registry's ready workers by a watch task, and the HTTP app under
-uvicorn on ``router.host:router.port`` -> print one ``k2serve: ready ...`` line -> serve until
-SIGINT/SIGTERM -> drain: the HTTP server stops taking requests, the controller drains and stops
+group and serves the registry) -> wait until every group is ready -> run the router
+(``router_main.serve_router``: REST and gRPC on ``router.host``, a ``Dispatcher`` kept equal to
+the registry's ready workers) -> print one ``k2serve: ready ...`` line -> serve until
+SIGINT/SIGTERM -> drain: the router stops taking requests, the controller drains and stops
 every group, Ray is shut down (or disconnected). Exit status 0 after a clean stop, 1 when the
 cluster could not come up, 2 for bad flags or configuration.
 """
@@ -22,15 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-import uvicorn
-
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_handle import ControllerHandle
 from k2serve.cluster.ray_runtime import RayRuntime
-from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableError
-from k2serve.router.http_app import build_app
-from k2serve.router.tokenizer import KimiTokenizer
-from k2serve.router.worker_client import Dispatcher, WorkerEndpoint
+from k2serve.router.policy import parse_policy
+from k2serve.router.worker_client import Dispatcher
+from k2serve.router_main import api_keys, build_frontend, registry_follower, serve_router
 
 
 def resolve_config(args: argparse.Namespace) -> ClusterConfig:
@@ -42,7 +39,8 @@ def resolve_config(args: argparse.Namespace) -> ClusterConfig:
         config = ClusterConfig.demo(Path(args.model), colocated=args.colocated)
     else:
         raise ValueError("serve: give MODEL_DIR, --demo or --config FILE")
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    flags = (("host", args.host), ("port", args.port), ("grpc_port", getattr(args, "grpc_port", None)))
+    overrides = {k: v for k, v in flags if v is not None}
     if overrides:
         data = config.to_dict()
         data["router"] = {**data.get("router", {}), **overrides}
@@ -83,7 +81,6 @@ class _Signals:
 
 def run_serve(args: argparse.Namespace) -> int:
     config = resolve_config(args)
-    tokenizer = KimiTokenizer.from_model_dir(config.model)
     signals = _Signals()
     runtime = RayRuntime.start(config.ray)
     signals.install()
@@ -96,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return 1
         signals.serving = True
         signals.install()
-        return asyncio.run(_route(config, controller.registry_address, tokenizer))
+        return asyncio.run(_route(config, controller.registry_address, args.grace))
     except _StopRequested as stop:
         print(f"k2serve: {stop} during start-up; stopping", file=sys.stderr)
         return 0
@@ -107,50 +104,10 @@ def run_serve(args: argparse.Namespace) -> int:
         runtime.shutdown()
 
 
-async def _route(config: ClusterConfig, registry_address: str, tokenizer: KimiTokenizer) -> int:
-    dispatcher = Dispatcher()
-    registry = RegistryClient(registry_address)
-    await _follow_once(registry, dispatcher)
-    follower = asyncio.create_task(_follow(registry, dispatcher), name="registry-watch")
-    app = build_app(dispatcher, tokenizer, Path(config.model).name)
-    settings = config.router
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="off")
-    )
-    # uvicorn turns SIGINT/SIGTERM into a graceful stop of the HTTP server; the cluster stops after it
-    serving = asyncio.create_task(server.serve(), name="http")
-    for _ in range(600):  # bounded: 60 s for the socket to be up
-        if server.started or serving.done():
-            break
-        await asyncio.sleep(0.1)
-    if not server.started:
-        follower.cancel()
-        return 1
-    port = server.servers[0].sockets[0].getsockname()[1]
-    workers = ", ".join(f"{e.worker_id}={e.address}" for e in dispatcher.endpoints)
-    print(f"k2serve: ready at http://{settings.host}:{port} (workers: {workers})", flush=True)
-    await serving
-    follower.cancel()
-    await dispatcher.close()
-    return 0
-
-
-async def _follow_once(registry: RegistryClient, dispatcher: Dispatcher) -> None:
-    snapshot = await registry.list()
-    await dispatcher.update(_endpoints(snapshot.ready()))
-
-
-async def _follow(registry: RegistryClient, dispatcher: Dispatcher) -> None:
-    try:
-        async for snapshot in registry.watch():
-            await dispatcher.update(_endpoints(snapshot.ready()))
-    except RegistryUnavailableError as exc:
-        print(f"k2serve: {exc}; keeping the last worker set", file=sys.stderr)
-
-
-def _endpoints(records: tuple[object, ...]) -> list[WorkerEndpoint]:
-    return [
-        WorkerEndpoint(r.worker_id, r.role, r.address)  # type: ignore[attr-defined]
-        for r in records
-        if r.address  # type: ignore[attr-defined]
-    ]
+async def _route(config: ClusterConfig, registry_address: str, grace_s: float) -> int:
+    dispatcher = Dispatcher(policy=parse_policy(config.router.policy))
+    max_model_len = min(p.max_model_len for p in config.pools)
+    frontend = build_frontend(config.model, config.router, max_model_len, dispatcher)
+    first, follow = registry_follower(registry_address)
+    await first(dispatcher)
+    return await serve_router(frontend, config.router, api_keys(None), follow, grace_s)

@@ -131,7 +131,7 @@ class ChoiceOutput:
         reasoning_tokens = 0
         if stream is not None and chat is not None:
             reasoning_tokens = stream.reasoning_tokens - self._forced_reasoning_tokens
-            if reason != "error" and stream.finished and stream.finish_reason == "tool_calls":
+            if reason == "stop" and stream.finished and stream.finish_reason == "tool_calls":
                 reason = "stop" if chat.tool_choice in ("none", "function") else "tool_calls"
         return ChoiceFinished(self.index, reason, stop_reason, error, self.completion_tokens, reasoning_tokens)
 

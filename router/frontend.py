@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,14 +30,17 @@ from k2serve.router.api_error import ApiError, ErrorKind, invalid
 from k2serve.router.chat_template import ChatInputError, ChatTemplate, ChatTemplateError
 from k2serve.router.choice_output import ChoiceOutput
 from k2serve.router.generation_event import (
+    ChatDelta,
     ChoiceFinished,
     ChoiceStarted,
     GenerationEvent,
     RequestFinished,
     RequestUsage,
+    TextDelta,
 )
 from k2serve.router.generation_request import GenerationRequest
 from k2serve.router.kimi_vocab import THINK_END, TOOL_CALLS_SECTION_BEGIN
+from k2serve.router.router_metrics import RouterMetrics
 from k2serve.router.sampling_check import RequestLimits
 from k2serve.router.tokenizer import KimiTokenizer
 from k2serve.router.worker_client import Dispatcher, NoWorkerError, TokenEvent
@@ -68,10 +72,12 @@ class Frontend:
         model: ServedModel,
         admission: Admission,
         limits: RequestLimits | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.dispatcher, self.tokenizer, self.template = dispatcher, tokenizer, template
         self.model, self.admission = model, admission
         self.limits = limits or RequestLimits()
+        self.metrics = metrics or RouterMetrics(model.name, admission)
         self._running: dict[str, GenerationStream] = {}
 
     # -- helpers for the adapters ----------------------------------------------------------------
@@ -153,7 +159,7 @@ class Frontend:
         self._running.pop(request_id, None)
 
     def worker_sampling(self, request: GenerationRequest, index: int) -> worker_pb2.SamplingParams:
-        s = request.sampling
+        s, eos = request.sampling, self.tokenizer.stop_token_ids
         out = worker_pb2.SamplingParams(
             temperature=s.temperature,
             top_p=s.top_p,
@@ -164,7 +170,7 @@ class Frontend:
             repetition_penalty=s.repetition_penalty,
             min_tokens=s.min_tokens,
             ignore_eos=s.ignore_eos,
-            stop_token_ids=list(dict.fromkeys((*s.stop_token_ids, *self.tokenizer.stop_token_ids))),
+            stop_token_ids=list(dict.fromkeys((*s.stop_token_ids, *(() if s.ignore_eos else eos)))),
         )
         if s.max_tokens is not None:
             out.max_tokens = s.max_tokens
@@ -189,9 +195,12 @@ class GenerationStream:
         self._tasks: list[asyncio.Task[None]] = []
         self._slot: contextlib.AbstractAsyncContextManager[None] | None = None
         self._first: GenerationEvent | None = None
-        self._finished: dict[int, ChoiceFinished] = {}
+        self._finished: dict[int, ChoiceFinished] = {}  # handed out
+        self._ended: set[int] = set()  # queued a ChoiceFinished or a _Failed
         self._cached_tokens = 0
         self._closed = False
+        self._arrival = time.monotonic()
+        self._last_step: dict[int, float] = {}  # choice -> when its last tokens were yielded
 
     @property
     def request_id(self) -> str:
@@ -223,19 +232,33 @@ class GenerationStream:
             self._note(event)
             yield event
         finished = self._finished.values()
-        yield RequestFinished(
-            RequestUsage(
-                prompt_tokens=len(self.request.prompt_token_ids),
-                completion_tokens=sum(f.completion_tokens for f in finished),
-                cached_tokens=self._cached_tokens,
-                reasoning_tokens=sum(f.reasoning_tokens for f in finished),
-            )
+        usage = RequestUsage(
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=sum(f.completion_tokens for f in finished),
+            cached_tokens=self._cached_tokens,
+            reasoning_tokens=sum(f.reasoning_tokens for f in finished),
         )
+        self._frontend.metrics.observe_request(
+            time.monotonic() - self._arrival, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens
+        )
+        yield RequestFinished(usage)
         await self.aclose()
 
     def _note(self, event: GenerationEvent) -> None:
+        """Bookkeeping and metrics for each event as it is handed out."""
+        metrics, now = self._frontend.metrics, time.monotonic()
         if isinstance(event, ChoiceFinished):
             self._finished[event.index] = event
+            metrics.observe_choice(event.finish_reason)
+        elif isinstance(event, ChoiceStarted):
+            if not self._last_step:
+                metrics.observe_first_token(now - self._arrival)
+            self._last_step[event.index] = now
+        elif isinstance(event, TextDelta | ChatDelta) and event.token_ids:
+            last = self._last_step.get(event.index)
+            if last is not None and now > last:
+                metrics.observe_token_gap(now - last)
+            self._last_step[event.index] = now
 
     async def aclose(self) -> None:
         if self._closed:
@@ -245,6 +268,9 @@ class GenerationStream:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)  # each closes its worker calls
+        for index in range(self.request.n):  # a consumer still iterating (an Abort by id) ends, too
+            if index not in self._ended:
+                self._put(ChoiceFinished(index, "abort"))
         if self._slot is not None:
             slot, self._slot = self._slot, None
             await slot.__aexit__(None, None, None)
@@ -261,6 +287,7 @@ class GenerationStream:
             frontend.worker_sampling(request, index),
             cache_salt=request.routing.cache_salt or "",
             timeout_s=request.deadline_s,
+            session_key=request.routing.session_key,
         )
         started = False
         try:
@@ -268,22 +295,27 @@ class GenerationStream:
                 async for event in events:
                     if not started:
                         started = True
-                        self._queue.put_nowait(ChoiceStarted(index))
+                        self._put(ChoiceStarted(index))
                     self._take_usage(event)
                     for out in output.push(event):
-                        self._queue.put_nowait(out)
+                        self._put(out)
                     if output.finished:
                         return  # a stop string matched: closing the stream aborts the workers' request
             if not output.finished:
                 for out in output.end("error", "the worker ended the stream without a finish reason"):
-                    self._queue.put_nowait(out)
+                    self._put(out)
         except (NoWorkerError, grpc.aio.AioRpcError) as exc:
             error = _api_error(exc)
             if not started:
-                self._queue.put_nowait(_Failed(index, error))
+                self._put(_Failed(index, error))
             else:
                 for out in output.end("error", error.message):
-                    self._queue.put_nowait(out)
+                    self._put(out)
+
+    def _put(self, item: GenerationEvent | _Failed) -> None:
+        if isinstance(item, ChoiceFinished | _Failed):
+            self._ended.add(item.index)
+        self._queue.put_nowait(item)
 
     def _take_usage(self, event: TokenEvent) -> None:
         if event.usage is not None:

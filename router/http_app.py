@@ -6,7 +6,7 @@ uvicorn on the configured interface. It mounts
   ``/v1/models``, ``/tokenize``, ``/detokenize``;
 - the Anthropic surface (``anthropic_routes``): ``/v1/messages``, ``/v1/messages/count_tokens``;
 - ``GET /health`` (200 while the router admits requests and a worker is live, else 503) and
-  ``GET /metrics`` (Prometheus text of ``metrics_registry``; public by default).
+  ``GET /metrics`` (Prometheus text of ``frontend.metrics``; public by default).
 Every failure leaves through one exception handler: ``ApiError`` -> its status and the surface's
 body (Anthropic's shape under ``/v1/messages``), FastAPI's validation errors -> 400, anything else
 -> 500 with a generic message (no exception text reaches a client). ``/docs`` and the OpenAPI
@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from k2serve.router.anthropic_routes import anthropic_routes
 from k2serve.router.api_error import ApiError, ErrorKind
@@ -45,12 +45,11 @@ def build_app(
     frontend: Frontend,
     keys: ApiKeys | None = None,
     *,
-    metrics_registry: CollectorRegistry | None = None,
     public_paths: tuple[str, ...] = DEFAULT_PUBLIC_PATHS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> HttpGuard:
     app = FastAPI(title="k2serve", version="0.1.0")
-    registry = metrics_registry or CollectorRegistry()
+    registry = frontend.metrics.registry
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
 
 from k2serve.proto import serving_pb2
 from k2serve.router.api_keys import ApiKeys
@@ -45,7 +44,6 @@ class RouterOptions:
     api_keys: tuple[str, ...] = ()
     public_paths: tuple[str, ...] = DEFAULT_PUBLIC_PATHS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    metrics_registry: CollectorRegistry | None = field(default=None, compare=False)
 
 
 class RouterServer:
@@ -83,7 +81,6 @@ class RouterServer:
         app = build_app(
             self.frontend,
             self.keys,
-            metrics_registry=o.metrics_registry,
             public_paths=o.public_paths,
             max_body_bytes=o.max_body_bytes,
         )
@@ -114,7 +111,7 @@ class RouterServer:
         if o.grpc_port < 0:
             return
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[auth_interceptor(self.keys)])
-        add_serving(server, self.frontend)
+        add_serving(server, self.frontend, self.keys)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,

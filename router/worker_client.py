@@ -7,7 +7,7 @@ have ended (each has its own deadline, so this is bounded by ``request_timeout_s
 earlier would cancel them, and a locally cancelled gRPC call raises ``CancelledError`` in the
 request's task, i.e. the request would end without an outcome. ``close()`` closes every channel.
 For every request ``Dispatcher.generate`` picks the ranks and streams ``TokenEvent``s:
-- colocated pool: one ``Generate`` stream on the least-loaded mixed rank;
+- colocated pool: one ``Generate`` stream on the mixed rank the policy picks;
 - prefill + decode pools (any prefill or decode worker in the set): ``Prefill`` on a prefill rank
   (the first token), then ``Decode`` on a decode rank with the returned ``KvHandle`` (the rest). A
   prefill that fails with UNAVAILABLE (rank dead, draining or its group failed) is retried on
@@ -19,20 +19,28 @@ For every request ``Dispatcher.generate`` picks the ranks and streams ``TokenEve
   every call carries a deadline. Whenever the decode rank did not take the KV over (no decode
   worker, the decode failed, the consumer left), the prefill rank is told to release its lease at
   once (``Abort``, bounded) instead of holding the blocks until the lease expires.
-Load: requests in flight per worker, counted here (the router's own view); ties go round-robin.
+Picking: the ``RoutingPolicy`` (``policy``: ``auto`` by default) chooses among the live ranks of a
+role from their ``WorkerLoad`` (the calls in flight counted here, plus each rank's ``GetLoad``
+report once ``start_monitor()`` runs a ``LoadMonitor``; ``close()`` stops it), the request's
+session key, and, for prefill and mixed ranks, the ``PrefixIndex``'s guess of how much of the prompt
+each rank has cached. Every prefill or mixed pick is recorded in the index (per ``cache_salt``); a
+worker that leaves or is replaced is forgotten there. Decode ranks go by load (auto, prefix,
+session). Ties take turns per role.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.router.load_monitor import LoadMonitor
+from k2serve.router.policy import RoutingPolicy, WorkerLoad, choose
+from k2serve.router.prefix_index import BlockName, PrefixIndex
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 2**20),
@@ -73,6 +81,13 @@ class WorkerClient:
         channel = grpc.aio.insecure_channel(endpoint.address, options=_CHANNEL_OPTIONS)
         return cls(endpoint, channel, worker_pb2_grpc.WorkerStub(channel))
 
+    @property
+    def worker_id(self) -> str:
+        return self.endpoint.worker_id
+
+    async def get_load(self, timeout_s: float) -> worker_pb2.Load:
+        return await self.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout_s)
+
 
 RELEASE_TIMEOUT_S = 2.0  # telling a prefill rank to drop a lease nobody will pull
 
@@ -82,9 +97,23 @@ class Dispatcher:
     request_timeout_s: float = 600.0
     prefill_retries: int = 1  # a Prefill that fails with UNAVAILABLE goes to another prefill rank this often
     pull_retries: int = 1  # a Decode whose KV pull failed re-prefills on another prefill rank; 0 = fail at once
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # the index keeps its first block size
     _clients: dict[str, WorkerClient] = field(default_factory=dict)
-    _turn: itertools.count[int] = field(default_factory=itertools.count)
+    _turns: dict[str, int] = field(default_factory=dict)  # per role: advances on every pick among several
     _retiring: dict[asyncio.Task[None], grpc.aio.Channel] = field(default_factory=dict)  # closing after their calls
+    _index: PrefixIndex = field(init=False)
+    _monitor: LoadMonitor | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._index = PrefixIndex(self.policy.block_size, self.policy.max_index_entries)
+
+    def start_monitor(self, interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
+        """Poll every live worker's load from now on (needs a running loop; ``close()`` stops it)."""
+        if self._monitor is None:
+            self._monitor = LoadMonitor(
+                lambda: list(self._clients.values()), interval_s=interval_s, timeout_s=timeout_s
+            )
+        self._monitor.start()
 
     async def update(self, endpoints: Iterable[WorkerEndpoint]) -> None:
         """Make the client set equal ``endpoints``; the channels of workers that left close once their
@@ -95,6 +124,9 @@ class Dispatcher:
             if worker_id not in wanted or wanted[worker_id] != client.endpoint:
                 del self._clients[worker_id]
                 self._retire(client)
+                self._index.forget(worker_id)  # gone, or a new rank at a new address with an empty cache
+                if self._monitor is not None:
+                    self._monitor.forget(worker_id)
         for worker_id, endpoint in wanted.items():
             if worker_id not in self._clients:
                 self._clients[worker_id] = WorkerClient.connect(endpoint)
@@ -110,15 +142,54 @@ class Dispatcher:
     def endpoints(self) -> list[WorkerEndpoint]:
         return [c.endpoint for c in self._clients.values()]
 
-    def _pick(self, role: str, exclude: Sequence[str] = ()) -> WorkerClient:
-        candidates = [
-            c for c in self._clients.values() if c.endpoint.role == role and c.endpoint.worker_id not in exclude
-        ]
+    def loads(self, role: str | None = None) -> list[WorkerLoad]:
+        """What the policy sees of every live worker (of ``role``) now."""
+        return [self._load(c) for c in self._clients.values() if role is None or c.endpoint.role == role]
+
+    def _load(self, client: WorkerClient) -> WorkerLoad:
+        endpoint = client.endpoint
+        report = self._monitor.latest(endpoint.worker_id) if self._monitor is not None else None
+        if report is None:
+            return WorkerLoad(endpoint.worker_id, endpoint.role, client.in_flight)
+        return WorkerLoad(
+            endpoint.worker_id,
+            endpoint.role,
+            client.in_flight,
+            waiting=report.waiting,
+            running=report.running,
+            kv_usage=report.kv_usage,
+            fresh=True,
+            in_flight_at_report=report.in_flight_at_report,
+            draining=report.draining,
+        )
+
+    def _live(self, role: str, exclude: Sequence[str] = ()) -> list[WorkerClient]:
+        candidates = [c for c in self._clients.values() if c.endpoint.role == role and c.worker_id not in exclude]
         if not candidates:
             raise NoWorkerError(f"no live {role} worker")
-        least = min(c.in_flight for c in candidates)
-        tied = sorted((c for c in candidates if c.in_flight == least), key=lambda c: c.endpoint.worker_id)
-        return tied[next(self._turn) % len(tied)]  # ties take turns, in worker-id order
+        return candidates
+
+    def _pick(self, role: str, call: _Call, exclude: Sequence[str] = ()) -> WorkerClient:
+        """The policy's rank of ``role`` for ``call``; a prefill or mixed pick is recorded in the index."""
+        candidates = {c.worker_id: c for c in self._live(role, exclude)}
+        turn = self._turns.get(role, 0)
+        if len(candidates) > 1:
+            self._turns[role] = turn + 1
+        prefix_role = role != "decode"
+        chosen = candidates[
+            choose(
+                self.policy,
+                role,
+                [self._load(c) for c in candidates.values()],
+                turn=turn,
+                matched_tokens=self._index.match_hashes(call.blocks) if prefix_role else None,
+                session_key=call.session_key,
+                prompt_tokens=len(call.prompt),
+            )
+        ]
+        if prefix_role:
+            self._index.record_hashes(call.blocks, chosen.worker_id)
+        return chosen
 
     @property
     def disaggregated(self) -> bool:
@@ -134,9 +205,20 @@ class Dispatcher:
         *,
         cache_salt: str = "",
         timeout_s: float | None = None,
+        session_key: str | None = None,
     ) -> AsyncGenerator[TokenEvent, None]:
-        """The request's token events; ``timeout_s`` (the client's deadline) bounds every call it makes."""
-        call = _Call(request_id, tuple(prompt_token_ids), sampling, cache_salt, timeout_s or self.request_timeout_s)
+        """The request's token events; ``timeout_s`` (the client's deadline) bounds every call it makes;
+        ``session_key`` (multi-turn affinity) and the prompt under ``cache_salt`` steer the pick."""
+        prompt = tuple(prompt_token_ids)
+        call = _Call(
+            request_id,
+            prompt,
+            sampling,
+            cache_salt,
+            timeout_s or self.request_timeout_s,
+            session_key or None,
+            self._index.hashes(prompt, cache_salt) if self.policy.uses_prefix_index else (),
+        )
         run = self._disaggregated if self.disaggregated else self._colocated
         # closing this generator closes the inner one now (not whenever it is collected): its cleanup
         # (the in-flight counts, a lease nobody will pull) runs before aclose() returns
@@ -145,7 +227,7 @@ class Dispatcher:
                 yield event
 
     async def _colocated(self, call: _Call) -> AsyncGenerator[TokenEvent, None]:
-        client = self._pick("mixed")
+        client = self._pick("mixed", call)
         request = worker_pb2.GenerateRequest(
             request_id=call.request_id,
             prompt_token_ids=list(call.prompt),
@@ -161,7 +243,7 @@ class Dispatcher:
 
     async def _disaggregated(self, call: _Call) -> AsyncGenerator[TokenEvent, None]:
         request_id = call.request_id
-        self._pick("decode")  # no decode worker: fail before the prefill pins blocks for nobody
+        self._live("decode")  # no decode worker: fail before the prefill pins blocks for nobody
         prefill, first = await self._prefill(call)
         if first.finish_reason:
             yield TokenEvent(
@@ -175,7 +257,7 @@ class Dispatcher:
             yield TokenEvent((first.first_token_id,), logprobs=_first_logprobs(first))
             cached_tokens = first.usage.cached_tokens  # the prefill rank's prefix-cache hit
             while True:
-                decode = self._pick("decode")
+                decode = self._pick("decode", call)
                 decode_request = worker_pb2.DecodeRequest(
                     request_id=request_id,
                     prompt_token_ids=list(call.prompt),
@@ -228,7 +310,7 @@ class Dispatcher:
         )
         tried: list[str] = list(exclude)
         while True:
-            prefill = self._pick("prefill", exclude=tried)
+            prefill = self._pick("prefill", call, exclude=tried)
             prefill.in_flight += 1
             try:
                 return prefill, await prefill.stub.Prefill(request, timeout=call.timeout_s)
@@ -258,7 +340,9 @@ class Dispatcher:
         await asyncio.gather(*calls, return_exceptions=True)
 
     async def close(self) -> None:
-        """Close every channel now, retiring ones included (calls still on them are cancelled)."""
+        """Stop the load monitor; close every channel now, retiring ones included (calls on them are cancelled)."""
+        if self._monitor is not None:
+            await self._monitor.stop()
         clients, self._clients = list(self._clients.values()), {}
         retiring, self._retiring = dict(self._retiring), {}
         for task in retiring:
@@ -298,3 +382,5 @@ class _Call:
     sampling: worker_pb2.SamplingParams
     cache_salt: str
     timeout_s: float
+    session_key: str | None = None
+    blocks: tuple[BlockName, ...] = ()  # the prompt's prefix-index names (empty when the policy needs none)

@@ -40,7 +40,7 @@ def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path, entry
         args = ["serve", "--demo", "--demo-dir", str(tmp_path / "demo")]
     else:
         args = ["cluster", "--config", str(_cluster_yaml(tmp_path))]
-    command = [sys.executable, "-m", "k2serve", *args, "--port", "0"]
+    command = [sys.executable, "-m", "k2serve", *args, "--port", "0", "--grpc-port", "0"]
     started = time.monotonic()
     proc = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -63,16 +63,19 @@ def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path, entry
         ready_s = time.monotonic() - started
         print(f"{entry} ready in {ready_s:.1f}s")
 
-        body = json.dumps({"prompt": "Hello, Kimi", "max_tokens": 6, "temperature": 0, "stream": True}).encode()
-        request = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
+        body = {"prompt": "Hello, Kimi", "max_tokens": 6, "temperature": 0, "stream": True, "return_token_ids": True}
+        body["stream_options"] = {"include_usage": True}
+        headers = {"content-type": "application/json"}
+        request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), headers)
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
             events = [line.decode().removeprefix("data: ").strip() for line in response if line.startswith(b"data: ")]
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
-        assert len(chunks) == 6  # demo: the first token from the prefill rank, five from the decode rank
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert chunks[-1]["usage"]["completion_tokens"] == 6
+        token_ids = [t for c in chunks for choice in c["choices"] for t in choice.get("token_ids") or ()]
+        assert len(token_ids) == 6  # demo: the first token from the prefill rank, five from the decode rank
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
     finally:
         children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         proc.send_signal(signal.SIGTERM)

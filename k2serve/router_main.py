@@ -1,0 +1,153 @@
+"""The router process: ``k2serve router`` on its own, and the router half of ``k2serve serve``.
+
+Lifecycle: ``build_frontend`` reads the model folder's tokenizer, chat template and context length
+(no weights, no torch) and wires the ``Frontend`` to a ``Dispatcher``; ``serve_router`` starts the
+``RouterServer`` (REST + gRPC on the configured interface), keeps the dispatcher equal to the live
+worker set (``follow``: the registry's ``Watch`` stream, or a fixed list), prints one
+``k2serve: ready ...`` line, and returns after SIGINT/SIGTERM once the router has drained.
+
+``k2serve router --registry HOST:PORT`` (or ``--worker ID=ROLE@HOST:PORT`` ...) is how a router
+runs as its own deployment (Kubernetes: a ``Deployment`` beside the Ray cluster). API keys come
+from ``K2SERVE_API_KEYS`` (comma-separated) or ``--api-key``; none = authentication off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from k2serve.cluster.config import RouterSettings
+from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableError
+from k2serve.router.admission import Admission, AdmissionLimits
+from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.frontend import Frontend, ServedModel
+from k2serve.router.policy import parse_policy
+from k2serve.router.router_server import RouterOptions, RouterServer
+from k2serve.router.tokenizer import KimiTokenizer
+from k2serve.router.worker_client import Dispatcher, WorkerEndpoint
+
+Follow = Callable[[Dispatcher], Coroutine[Any, Any, None]]
+
+
+def model_context_length(model_dir: Path) -> int:
+    """``max_position_embeddings`` of the folder's ``config.json`` (what the weights support)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("max_position_embeddings", 4096))
+
+
+def build_frontend(model_dir: Path, settings: RouterSettings, max_model_len: int, dispatcher: Dispatcher) -> Frontend:
+    limits = AdmissionLimits(settings.max_running, settings.max_waiting, settings.max_wait_s)
+    model = ServedModel(settings.served_model_name or model_dir.name, str(model_dir), max_model_len)
+    tokenizer = KimiTokenizer.from_model_dir(model_dir)
+    return Frontend(dispatcher, tokenizer, ChatTemplate.from_model_dir(model_dir), model, Admission(limits))
+
+
+def api_keys(flag_values: Sequence[str] | None) -> tuple[str, ...]:
+    keys = [k.strip() for k in os.environ.get("K2SERVE_API_KEYS", "").split(",")]
+    return tuple(k for k in [*keys, *(flag_values or ())] if k)
+
+
+async def serve_router(
+    frontend: Frontend, settings: RouterSettings, keys: tuple[str, ...], follow: Follow, grace_s: float
+) -> int:
+    options = RouterOptions(
+        host=settings.host,
+        port=settings.port,
+        grpc_port=settings.grpc_port,
+        api_keys=keys,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    server = await RouterServer.start(frontend, options)
+    frontend.dispatcher.start_monitor()
+    follower = asyncio.create_task(follow(frontend.dispatcher), name="worker-set")
+    workers = ", ".join(f"{e.worker_id}={e.address}" for e in frontend.dispatcher.endpoints)
+    auth = "on" if keys else "off"
+    print(
+        f"k2serve: ready at {server.http_url} (gRPC {server.grpc_target}, API keys {auth}; workers: {workers})",
+        flush=True,
+    )
+    try:
+        await server.wait()  # uvicorn ends it on SIGINT/SIGTERM
+    finally:
+        await server.stop(grace_s=grace_s)
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await frontend.dispatcher.close()
+    return 0
+
+
+def registry_follower(address: str) -> tuple[Callable[[Dispatcher], Awaitable[None]], Follow]:
+    """(``first``: load the current set once, ``follow``: keep following it) for ``address``."""
+    registry = RegistryClient(address)
+
+    async def first(dispatcher: Dispatcher) -> None:
+        snapshot = await registry.list()
+        await dispatcher.update(endpoints_of(snapshot.ready()))
+
+    async def follow(dispatcher: Dispatcher) -> None:
+        try:
+            async for snapshot in registry.watch():
+                await dispatcher.update(endpoints_of(snapshot.ready()))
+        except RegistryUnavailableError as exc:
+            print(f"k2serve: {exc}; keeping the last worker set", file=sys.stderr)
+
+    return first, follow
+
+
+def endpoints_of(records: Sequence[object]) -> list[WorkerEndpoint]:
+    return [
+        WorkerEndpoint(r.worker_id, r.role, r.address)  # type: ignore[attr-defined]
+        for r in records
+        if r.address  # type: ignore[attr-defined]
+    ]
+
+
+def parse_worker(text: str) -> WorkerEndpoint:
+    """``ID=ROLE@HOST:PORT`` (role: mixed | prefill | decode)."""
+    worker_id, _, rest = text.partition("=")
+    role, _, address = rest.partition("@")
+    if not worker_id or role not in ("mixed", "prefill", "decode") or ":" not in address:
+        raise ValueError(f"--worker: expected ID=ROLE@HOST:PORT with ROLE mixed|prefill|decode, got {text!r}")
+    return WorkerEndpoint(worker_id, role, address)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model)
+    settings = RouterSettings(
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        policy=args.policy,
+        served_model_name=args.served_model_name,
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        max_wait_s=args.max_wait,
+        max_body_bytes=args.max_body_bytes,
+    )
+    max_model_len = args.max_model_len or model_context_length(model_dir)
+    policy = parse_policy(settings.policy)
+    fixed = [parse_worker(w) for w in args.worker or ()]
+    if bool(fixed) == bool(args.registry):
+        raise ValueError("router: give either --registry HOST:PORT or one or more --worker")
+
+    async def main() -> int:
+        dispatcher = Dispatcher(policy=policy)
+        frontend = build_frontend(model_dir, settings, max_model_len, dispatcher)
+        if args.registry:
+            first, follow = registry_follower(args.registry)
+            await first(dispatcher)
+        else:
+            await dispatcher.update(fixed)
+
+            async def follow(_: Dispatcher) -> None:
+                return None
+
+        return await serve_router(frontend, settings, api_keys(args.api_key), follow, args.grace)
+
+    return asyncio.run(main())
