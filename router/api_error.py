@@ -15,12 +15,15 @@ capped at ``MAX_MESSAGE_CHARS``.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 MAX_MESSAGE_CHARS = 1000
+# host:port and gRPC's "ipv4:1.2.3.4:5678" in text that came from a worker or a gRPC library
+_ADDRESS = re.compile(r"(?:ipv[46]:)?(?:\[[0-9A-Fa-f:.%]+\]|[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)+|localhost):\d{2,5}\b")
 
 
 class ErrorKind(enum.Enum):
@@ -87,6 +90,11 @@ class ApiError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+def public_text(text: str) -> str:
+    """``text`` without internal addresses (worker or library messages shown to clients, S11)."""
+    return _ADDRESS.sub("<internal>", text)
 
 
 def invalid(param: str, reason: str) -> ApiError:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 class ApiKeys:
     def __init__(self, keys: Iterable[str] = ()) -> None:
-        self._digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys if k)
+        self._digests = tuple(_digest(k) for k in keys if k)
 
     @property
     def enabled(self) -> bool:
@@ -32,7 +32,7 @@ class ApiKeys:
             return ""
         if not key:
             return None
-        digest = hashlib.sha256(key.encode()).digest()
+        digest = _digest(key)
         matched = b""
         for known in self._digests:  # compare against every key: constant work whatever matches
             if hmac.compare_digest(digest, known):
@@ -45,11 +45,18 @@ class ApiKeys:
 
 
 def credential(headers: Mapping[str, str]) -> str | None:
-    """The key a request presents: ``x-api-key``, else the token of ``authorization: Bearer``."""
-    key = headers.get("x-api-key")
+    """The key a request presents: ``x-api-key``, else the token of ``authorization: Bearer``.
+
+    Any other scheme (``Basic``, ``Token``, a bare key) presents no key at all (-> 401)."""
+    key = (headers.get("x-api-key") or "").strip()
     if key:
         return key
-    scheme, _, token = (headers.get("authorization") or "").strip().partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    parts = (headers.get("authorization") or "").split(None, 1)
+    if len(parts) == 2 and parts[0].lower() == "bearer" and parts[1].strip():
+        return parts[1].strip()
     return None
+
+
+def _digest(key: str) -> bytes:
+    # surrogatepass: a key from gRPC metadata or a config file never raises while being hashed
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()

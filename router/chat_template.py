@@ -188,6 +188,8 @@ def _check_tool_calls(tool_calls: Any, where: str, i: int) -> None:
             raise ChatInputError(field, "must be an object", i)
         if not isinstance(call.get("id"), str) or not call["id"]:
             raise ChatInputError(f"{field}.id", "is required (a non-empty string)", i)
+        if call.get("type", "function") != "function":
+            raise ChatInputError(f"{field}.type", f"must be 'function', got {call.get('type')!r}", i)
         function = call.get("function")
         if not isinstance(function, Mapping):
             raise ChatInputError(f"{field}.function", "is required (an object)", i)

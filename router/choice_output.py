@@ -15,6 +15,7 @@ string); the caller closes the worker stream, which aborts the request there.
 from __future__ import annotations
 
 from k2serve.proto import worker_pb2
+from k2serve.router.api_error import public_text
 from k2serve.router.detokenizer import IncrementalDetokenizer
 from k2serve.router.generation_event import (
     ChatDelta,
@@ -73,14 +74,14 @@ class ChoiceOutput:
         elif event.finish_reason:
             out.extend(self._tail(event.finish_reason))
             stop_reason = self._stop_token(ids) if event.finish_reason == "stop" else None
-            out.append(self._finished(event.finish_reason, stop_reason=stop_reason, error=event.error))
+            out.append(self._finished(event.finish_reason, stop_reason=stop_reason, error=public_text(event.error)))
         return out
 
     def end(self, finish_reason: str, error: str) -> list[GenerationEvent]:
         """The worker stream broke off: what was held back, then the choice's end."""
         if self.finished:
             return []
-        return [*self._tail(finish_reason), self._finished(finish_reason, error=error)]
+        return [*self._tail(finish_reason), self._finished(finish_reason, error=public_text(error))]
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import grpc
 
 from k2serve.proto import worker_pb2
 from k2serve.router.admission import Admission
-from k2serve.router.api_error import ApiError, ErrorKind, invalid
+from k2serve.router.api_error import ApiError, ErrorKind, invalid, public_text
 from k2serve.router.chat_template import ChatInputError, ChatTemplate, ChatTemplateError
 from k2serve.router.choice_output import ChoiceOutput
 from k2serve.router.generation_event import (
@@ -324,7 +324,7 @@ class GenerationStream:
 
 def _api_error(exc: NoWorkerError | grpc.aio.AioRpcError) -> ApiError:
     if isinstance(exc, NoWorkerError):
-        return ApiError(ErrorKind.UNAVAILABLE, f"no worker can take the request: {exc}", retry_after_s=1)
+        return ApiError(ErrorKind.UNAVAILABLE, public_text(f"no worker can take the request: {exc}"), retry_after_s=1)
     code = exc.code()
     details = exc.details() or code.name
     kinds = {
@@ -334,4 +334,4 @@ def _api_error(exc: NoWorkerError | grpc.aio.AioRpcError) -> ApiError:
     }
     kind = kinds.get(code, ErrorKind.UNAVAILABLE)
     retry = 1 if kind in (ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE) else None
-    return ApiError(kind, f"worker: {code.name}: {details}", retry_after_s=retry)
+    return ApiError(kind, public_text(f"worker: {code.name}: {details}"), retry_after_s=retry)

@@ -2,16 +2,19 @@
 
 Lifecycle: per request, a route calls ``await read_json_object(request)`` (400 for a body that is
 not a UTF-8 JSON object: bad syntax, an array, ``null``, a wrong content type, lone surrogates or
-NUL characters anywhere in it), ``routing_for(request, user)`` (the tenant's cache salt set by
+NUL characters anywhere in it, ``NaN``/``Infinity`` or a number too large for a float such as ``1e309``,
+nesting deeper than 64), ``routing_for(request, user)`` (the tenant's cache salt set by
 ``HttpGuard``; the session key from ``x-session-id`` or else the ``user`` field), and, for a
 non-streaming answer, ``await until_done_or_gone(request, coroutine)``, which cancels the work (and
-so aborts the request on the workers) when the client disconnects first.
+so aborts the request on the workers, and gives back its admission slot) when the client
+disconnects first, then raises ``ClientGone``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -19,6 +22,7 @@ from fastapi import Request
 
 from k2serve.router.api_error import ApiError, ErrorKind, invalid
 from k2serve.router.generation_request import Routing
+from k2serve.router.http_guard import ClientGone
 
 T = TypeVar("T")
 SESSION_HEADER = "x-session-id"
@@ -35,7 +39,7 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise invalid("body", "the body is not valid UTF-8") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except ApiError:
         raise
     except (ValueError, RecursionError):
@@ -53,7 +57,8 @@ def routing_for(request: Request, user: Any = None) -> Routing:
 
 
 async def until_done_or_gone(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise ``CancelledError``."""
+    """Await ``work``; if the client disconnects first, cancel it and raise ``ClientGone`` (a
+    ``CancelledError``, which ``HttpGuard`` turns into a quiet end of the request)."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -63,7 +68,7 @@ async def until_done_or_gone(request: Request, work: Awaitable[T]) -> T:
             if await request.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                raise asyncio.CancelledError("the client disconnected")
+                raise ClientGone("the client disconnected")
     finally:
         if not task.done():
             task.cancel()
@@ -72,6 +77,14 @@ async def until_done_or_gone(request: Request, work: Awaitable[T]) -> T:
 
 def _reject_constant(name: str) -> Any:
     raise ApiError(ErrorKind.INVALID, f"body: {name} is not valid JSON (use a finite number)", param="body")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number too large for a float (``1e309``) parses to inf in Python: reject it here."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ApiError(ErrorKind.INVALID, "body: a number is out of range (must be a finite float)", param="body")
+    return value
 
 
 def _check_strings(value: Any, path: str, depth: int = 0) -> None:

@@ -90,6 +90,7 @@ class RouterServer:
             port=o.port,
             log_level="warning",
             lifespan="off",
+            http="h11",  # its header-size limit applies (httptools, when installed, has none)
             h11_max_incomplete_event_size=64 * 1024,  # bounds a request's header block
             timeout_graceful_shutdown=None,
         )

@@ -57,11 +57,13 @@ def check_sampling(
     def number(field: str, value: float | None, low: float, high: float, *, low_open: bool = False) -> None:
         if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise invalid(name(field), "must be a finite number")
+        if isinstance(value, float) and not math.isfinite(value):  # (an int is finite; isfinite(10**400) raises)
             raise invalid(name(field), "must be a finite number")
         if value < low or value > high or (low_open and value == low):
             bracket = "(" if low_open else "["
-            raise invalid(name(field), f"must be in {bracket}{low:g}, {high:g}], got {value}")
+            raise invalid(name(field), f"must be in {bracket}{low:g}, {high:g}], got {_show(value)}")
 
     def integer(field: str, value: int | None, low: int, high: int = 2**31 - 1) -> None:
         if value is None:
@@ -69,7 +71,7 @@ def check_sampling(
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(name(field), "must be an integer")
         if not low <= value <= high:
-            raise invalid(name(field), f"must be in [{low}, {high}], got {value}")
+            raise invalid(name(field), f"must be in [{low}, {high}], got {_show(value)}")
 
     number("temperature", f.temperature, 0.0, 2.0)
     number("top_p", f.top_p, 0.0, 1.0, low_open=True)
@@ -85,6 +87,12 @@ def check_sampling(
         raise invalid(name("min_tokens"), f"must not exceed max_tokens ({f.max_tokens})")
     integer("top_logprobs", f.top_logprobs, 0, limits.max_top_logprobs)
     integer("max_reasoning_tokens", f.max_reasoning_tokens, 0)
+    if f.ignore_eos is not None and not isinstance(f.ignore_eos, bool):
+        raise invalid(name("ignore_eos"), "must be a boolean")
+    if f.stop_token_ids is not None and (
+        isinstance(f.stop_token_ids, str | bytes) or not isinstance(f.stop_token_ids, Sequence)
+    ):
+        raise invalid(name("stop_token_ids"), "must be a list of token ids")
     stop_ids = tuple(f.stop_token_ids or ())
     if len(stop_ids) > limits.max_stop_token_ids:
         raise invalid(name("stop_token_ids"), f"at most {limits.max_stop_token_ids} ids")
@@ -102,7 +110,7 @@ def check_sampling(
         max_tokens=f.max_tokens,
         min_tokens=f.min_tokens or 0,
         stop_token_ids=stop_ids,
-        ignore_eos=f.ignore_eos,
+        ignore_eos=bool(f.ignore_eos),
         top_logprobs=f.top_logprobs,
         max_reasoning_tokens=f.max_reasoning_tokens,
     )
@@ -111,6 +119,8 @@ def check_sampling(
 def check_stop(stop: str | Sequence[str] | None, limits: RequestLimits, param: str = "stop") -> tuple[str, ...]:
     if stop is None:
         return ()
+    if not isinstance(stop, str | Sequence) or isinstance(stop, bytes):
+        raise invalid(param, "must be a string or a list of strings")
     items = (stop,) if isinstance(stop, str) else tuple(stop)
     if len(items) > limits.max_stop:
         raise invalid(param, f"at most {limits.max_stop} stop strings")
@@ -132,3 +142,13 @@ def check_n(n: int | None, sampling: Sampling, limits: RequestLimits, param: str
     if n > 1 and sampling.temperature == 0.0:
         raise invalid(param, "n must be 1 when using greedy sampling (temperature 0)")
     return n
+
+
+def _show(value: float) -> str:
+    """A bad value for an error message, bounded (a 4,000-digit integer is not echoed back)."""
+    text = (
+        str(value)
+        if not isinstance(value, int) or abs(value) < 10**30
+        else f"an integer of {len(str(abs(value)))} digits"
+    )
+    return text[:40]
