@@ -89,7 +89,7 @@ def live_router(
         spec = RankSpec(model_dir=model_dir, num_blocks=num_blocks, block_size=block_size, max_model_len=MAX_MODEL_LEN)
         for i, role in enumerate(roles):
             rank = await asyncio.to_thread(GroupRank.build, spec)
-            options = WorkerOptions(f"{role}-{i}", role, **worker_options)  # type: ignore[arg-type]
+            options = WorkerOptions(f"{role}-{i}", role, **worker_options)
             workers.append(await WorkerServer.start(rank, options))
         await dispatcher.update(WorkerEndpoint(w.options.worker_id, w.options.role, w.address) for w in workers)
         tokenizer = KimiTokenizer.from_model_dir(model_dir)
