@@ -27,25 +27,14 @@ from types import MappingProxyType
 from typing import Any
 
 from k2serve.router.anthropic_blocks import ContentBlocks, Event
-from k2serve.router.api_error import ApiError, ErrorKind
+from k2serve.router.api_error import ApiError
 from k2serve.router.generation_event import ChatDelta, ChoiceFinished, GenerationEvent, RequestFinished, RequestUsage
 
 STOP_REASONS = MappingProxyType({"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"})
-OVERLOAD_MARKERS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "no worker")
 
 
 def sse(data: Event) -> str:
     return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def choice_failure(finished: ChoiceFinished) -> ApiError:
-    """The error a failed choice is answered with (before or after the 200)."""
-    if finished.finish_reason == "abort":
-        return ApiError(ErrorKind.UNAVAILABLE, "the request was aborted by the server", retry_after_s=1)
-    message = finished.error or "generation failed"
-    if any(marker in message for marker in OVERLOAD_MARKERS):
-        return ApiError(ErrorKind.UNAVAILABLE, message, retry_after_s=1)
-    return ApiError(ErrorKind.INTERNAL, message)
 
 
 class MessageEvents:
@@ -96,7 +85,7 @@ class MessageEvents:
 
     def _finish_choice(self, finished: ChoiceFinished) -> list[Event]:
         if finished.finish_reason in ("error", "abort"):
-            self.failure, self.done = choice_failure(finished), True
+            self.failure, self.done = finished.failure(), True
             error = {"type": self.failure.kind.anthropic_type, "message": self.failure.message}
             return [{"type": "error", "error": error}]
         out = self.blocks.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from k2serve.router.api_error import ApiError, ErrorKind
 from k2serve.router.kimi_output import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
 
 ChatPiece = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArguments
@@ -67,6 +68,14 @@ class ChoiceFinished:
     error: str = ""
     completion_tokens: int = 0  # this choice's generated ids (reasoning included)
     reasoning_tokens: int = 0
+
+    def failure(self) -> ApiError:
+        """What a choice that ended in ``error`` or ``abort`` after its start is answered with: the
+        workers went away or refused mid-request, so UNAVAILABLE (retryable) on every surface."""
+        if self.finish_reason == "abort":
+            return ApiError(ErrorKind.UNAVAILABLE, f"choice {self.index} was aborted by the server", retry_after_s=1)
+        reason = self.error or "the request failed on the workers"
+        return ApiError(ErrorKind.UNAVAILABLE, f"choice {self.index} failed: {reason}", retry_after_s=1)
 
 
 @dataclass(frozen=True, slots=True)

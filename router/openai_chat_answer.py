@@ -17,7 +17,7 @@ from k2serve.router.generation_event import ChatDelta, ChoiceFinished, RequestFi
 from k2serve.router.kimi_output import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
 from k2serve.router.openai_chat_request import ChatShape
 from k2serve.router.openai_logprobs import chat_logprob_entries
-from k2serve.router.openai_usage import choice_error, usage_body
+from k2serve.router.openai_usage import usage_body
 
 
 class ToolCallFilter:
@@ -91,7 +91,7 @@ async def chat_answer(stream: GenerationStream, shape: ChatShape, model: str) ->
                 choices[event.index].add(event)
             elif isinstance(event, ChoiceFinished):
                 if event.finish_reason == "error":
-                    raise choice_error(event)
+                    raise event.failure()
                 choices[event.index].finished = event
             elif isinstance(event, RequestFinished):
                 usage = usage_body(event.usage)

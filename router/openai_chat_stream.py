@@ -31,7 +31,7 @@ from k2serve.router.kimi_output import ContentDelta, ReasoningDelta, ToolCallArg
 from k2serve.router.openai_chat_answer import ToolCallFilter
 from k2serve.router.openai_chat_request import ChatShape
 from k2serve.router.openai_logprobs import chat_logprob_entries
-from k2serve.router.openai_usage import RunningUsage, choice_error, usage_body
+from k2serve.router.openai_usage import RunningUsage, usage_body
 
 
 async def chat_chunks(stream: GenerationStream, shape: ChatShape, model: str) -> AsyncGenerator[dict[str, Any], None]:
@@ -64,7 +64,7 @@ class ChatChunks:
             return self._deltas(event)
         if isinstance(event, ChoiceFinished):
             if event.finish_reason == "error":
-                raise choice_error(event)
+                raise event.failure()
             choice = {"finish_reason": event.finish_reason, "stop_reason": event.stop_reason}
             return [self._chunk(event.index, {}, **choice)]
         if isinstance(event, RequestFinished) and self._shape.include_usage:

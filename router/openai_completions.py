@@ -28,7 +28,7 @@ from k2serve.router.generation_event import (
 )
 from k2serve.router.openai_completion_request import CompletionJob
 from k2serve.router.openai_logprobs import LegacyLogprobs, merge_legacy
-from k2serve.router.openai_usage import RunningUsage, choice_error, usage_body
+from k2serve.router.openai_usage import RunningUsage, usage_body
 
 
 async def start_all(frontend: Frontend, job: CompletionJob) -> list[GenerationStream]:
@@ -123,7 +123,7 @@ async def completion_answer(job: CompletionJob, streams: Sequence[GenerationStre
                     choice.logprobs.append(legacy[p * n + event.index].shape(event.logprobs))
             elif isinstance(event, ChoiceFinished):
                 if event.finish_reason == "error":
-                    raise choice_error(event)
+                    raise event.failure()
                 choices[p * n + event.index].finished = event
             elif isinstance(event, RequestFinished):
                 usages.append(event.usage)
@@ -189,7 +189,7 @@ async def completion_chunks(
                 yield chunk(index, event.text, **extra)
         elif isinstance(event, ChoiceFinished):
             if event.finish_reason == "error":
-                raise choice_error(event)
+                raise event.failure()
             yield chunk(p * n + event.index, "", finish_reason=event.finish_reason, stop_reason=event.stop_reason)
         elif isinstance(event, RequestFinished):
             usages.append(event.usage)

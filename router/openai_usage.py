@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from k2serve.router.api_error import ApiError, ErrorKind
-from k2serve.router.generation_event import ChoiceFinished, RequestUsage
+from k2serve.router.generation_event import RequestUsage
 
 
 def usage_body(usage: RequestUsage) -> dict[str, Any]:
@@ -38,9 +37,3 @@ class RunningUsage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
-
-
-def choice_error(finished: ChoiceFinished) -> ApiError:
-    """A choice that failed after its start: 503 (the workers went away or refused mid-request)."""
-    reason = finished.error or "the request failed on the workers"
-    return ApiError(ErrorKind.UNAVAILABLE, f"choice {finished.index} failed: {reason}", retry_after_s=1)

@@ -588,7 +588,7 @@ def test_finish_reasons_map_onto_stop_reasons(
 @pytest.mark.parametrize(
     ("finished", "status", "kind"),
     [
-        (_finished("error", error="worker: INTERNAL: boom"), 500, "api_error"),
+        (_finished("error", error="peer rank is dead or stuck"), 529, "overloaded_error"),
         (_finished("error", error="worker: UNAVAILABLE: gone"), 529, "overloaded_error"),
         (_finished("abort"), 529, "overloaded_error"),
     ],
