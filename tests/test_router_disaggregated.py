@@ -78,3 +78,24 @@ def test_a_client_that_leaves_a_stream_frees_the_request_on_both_ranks_within_a_
     idle_after_s = time.monotonic() - started
     assert idle_after_s < 0.7 * full_run_s, (idle_after_s, full_run_s)  # cut short, not run to the end
     assert live.frontend.admission.running == 0
+
+
+def test_the_reasoning_budget_holds_across_the_prefill_decode_handoff(live: LiveRouter, model_dir: Path) -> None:
+    """``max_reasoning_tokens`` = 3: the decode rank forces ``</think>`` as the 4th token, then the model goes on."""
+    model = load_model(model_dir, dtype=torch.float32, max_positions=256, progress=False)
+    think_end = live.frontend.tokenizer.special_tokens["</think>"]
+    body = {
+        "messages": [{"role": "user", "content": "Think briefly."}],
+        "max_completion_tokens": 8,
+        "max_reasoning_tokens": 3,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    with httpx.Client(base_url=live.http_url, timeout=60) as client:
+        answer = client.post("/v1/chat/completions", json=body).json()
+    prompt, output = answer["prompt_token_ids"], answer["choices"][0]["token_ids"]
+    thought = greedy_generate(model, prompt, max_tokens=3)
+    assert think_end not in thought  # otherwise the budget would not be what ended the reasoning
+    rest = greedy_generate(model, [*prompt, *thought, think_end], max_tokens=4)
+    assert output == [*thought, think_end, *rest]
