@@ -85,7 +85,6 @@ def chat_generation(
     forced = _forced_prefix(frontend, mode, name, first_tool_index, thinking)
     max_tokens = frontend.check_prompt([*prompt, *forced], sampling.max_tokens, param="messages")
     chat = ChatOutput(
-        thinking=True,  # the model always opens <think>; thinking=False prefills an empty block
         start_in_reasoning=prompt_opens_reasoning(frontend.tokenizer, prompt),
         first_tool_index=first_tool_index,
         tool_choice=mode,

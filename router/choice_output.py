@@ -45,7 +45,6 @@ class ChoiceOutput:
         else:
             self._chat = KimiOutputStream(
                 tokenizer,
-                thinking=chat.thinking,
                 start_in_reasoning=chat.start_in_reasoning,
                 first_tool_index=chat.first_tool_index,
             )

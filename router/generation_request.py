@@ -39,7 +39,6 @@ class Sampling:
 class ChatOutput:
     """How a chat request's output is parsed (per request, never per model)."""
 
-    thinking: bool = True  # False: no reasoning, all text is content
     start_in_reasoning: bool = False  # the prompt opened <think> (``prompt_opens_reasoning``)
     first_tool_index: int = 0  # tool calls already in the conversation (ids count on from here)
     tool_choice: ToolChoiceMode = "none"

@@ -50,7 +50,7 @@ class RouterServer:
     def __init__(self, frontend: Frontend, options: RouterOptions) -> None:
         self.frontend, self.options = frontend, options
         self.keys = ApiKeys(options.api_keys)
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -130,9 +130,7 @@ class RouterServer:
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name):
-            result = self.health.set(service, status)
-            if asyncio.iscoroutine(result):
-                await result
+            await self.health.set(service, status)
 
     async def wait(self) -> None:
         """Until the HTTP server stops (a signal in the main thread, or ``stop``)."""

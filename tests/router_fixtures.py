@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.router.admission import Admission, AdmissionLimits
 from k2serve.router.chat_template import ChatTemplate
 from k2serve.router.frontend import Frontend, ServedModel
+from k2serve.router.http_guard import DEFAULT_MAX_BODY_BYTES
 from k2serve.router.router_server import RouterOptions, RouterServer
 from k2serve.router.sampling_check import RequestLimits
 from k2serve.router.tokenizer import KimiTokenizer
@@ -46,7 +47,6 @@ class LiveRouter:
     workers: list[WorkerServer]
     loop: asyncio.AbstractEventLoop
     api_key: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
@@ -74,7 +74,7 @@ def live_router(
     limits: RequestLimits | None = None,
     num_blocks: int = 128,
     block_size: int = 4,
-    max_body_bytes: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     **worker_options: Any,
 ) -> Iterator[LiveRouter]:
     loop = asyncio.new_event_loop()
@@ -102,11 +102,7 @@ def live_router(
             Admission(admission or AdmissionLimits()),
             limits or RequestLimits(),
         )
-        options = RouterOptions(host="127.0.0.1", port=0, grpc_port=0, api_keys=api_keys)
-        if max_body_bytes is not None:
-            options = RouterOptions(
-                host="127.0.0.1", port=0, grpc_port=0, api_keys=api_keys, max_body_bytes=max_body_bytes
-            )
+        options = RouterOptions(host="127.0.0.1", port=0, grpc_port=0, api_keys=api_keys, max_body_bytes=max_body_bytes)
         router = await RouterServer.start(frontend, options)
         return LiveRouter(
             http_url=router.http_url,
