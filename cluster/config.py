@@ -19,6 +19,7 @@ Shape of the file (every section but ``model`` and ``pools`` is optional)::
     kv_transfer: {transport: p2p, lease_ttl_s: 30}
     health:      {interval_s: 5, timeout_s: 3, failures: 3, start_timeout_s: 900}
     restart:     {max_restarts: 5, backoff_initial_s: 1, backoff_max_s: 60, reset_after_s: 600}
+    metrics:     {worker_port: 0, controller_port: 0}   # /metrics of each rank and the controller (0 = any port)
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ class RestartSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    worker_port: int = 0  # each rank's /metrics on network.interface_host; 0 = any free port (found via discovery)
+    controller_port: int = 0  # the controller's /metrics, same interface; 0 = any free port
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: Path
     pools: tuple[PoolConfig, ...]
@@ -107,6 +114,12 @@ class ClusterConfig:
     kv_transfer: KvTransferSettings = KvTransferSettings()
     health: HealthSettings = HealthSettings()
     restart: RestartSettings = RestartSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @property
+    def served_model_name(self) -> str:
+        """The model id clients send and the ``model_name`` label of every metric."""
+        return self.router.served_model_name or self.model.name
 
     @property
     def shape(self) -> PoolShape:
@@ -142,6 +155,7 @@ class ClusterConfig:
             kv_transfer=_read_kv_transfer(root.section("kv_transfer")),
             health=_read_health(root.section("health")),
             restart=_read_restart(root.section("restart")),
+            metrics=_read_metrics(root.section("metrics")),
         )
         root.finish()
         return config
@@ -237,6 +251,13 @@ def _read_network(r: ConfigReader) -> NetworkSettings:
 
 def _read_registry(r: ConfigReader) -> RegistrySettings:
     out = RegistrySettings(r.port("port", RegistrySettings.port))
+    r.finish()
+    return out
+
+
+def _read_metrics(r: ConfigReader) -> MetricsSettings:
+    d = MetricsSettings()
+    out = MetricsSettings(r.port("worker_port", d.worker_port), r.port("controller_port", d.controller_port))
     r.finish()
     return out
 

@@ -38,6 +38,7 @@ import ray
 from ray.exceptions import RayError
 
 from k2serve.cluster.config import ClusterConfig
+from k2serve.cluster.controller_metrics import ControllerMetrics
 from k2serve.cluster.health_probe import HealthProbe
 from k2serve.cluster.pool_config import PoolConfig
 from k2serve.cluster.rank_plan import resolve_host
@@ -45,6 +46,7 @@ from k2serve.cluster.registry import RegistryServer, WorkerBoard
 from k2serve.cluster.restart_policy import RestartPolicy
 from k2serve.cluster.worker_group import ACTOR_NAME_PREFIX, GroupStartError, WorkerGroup
 from k2serve.cluster.worker_record import WorkerRecord, WorkerState
+from k2serve.workers.metrics_endpoint import MetricsEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ class Controller:
         self._policy = RestartPolicy(config.restart)
         self._probe = HealthProbe()
         self._board = WorkerBoard()
+        self.metrics = ControllerMetrics([pool.name for pool in config.pools])
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._registry: RegistryServer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -102,6 +106,10 @@ class Controller:
         """Start the registry and the reconcile loop (idempotent); the registry's ``host:port``."""
         if self._registry is None:
             host = resolve_host(self.config.network.interface_host, ray.util.get_node_ip_address())
+            self._metrics_endpoint = MetricsEndpoint.start(
+                self.metrics.registry, host, self.config.metrics.controller_port
+            )
+            self._board.controller_metrics_address = self._metrics_endpoint.address
             self._registry = await RegistryServer.start(self._board, host, self.config.registry.port)
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="controller-reconcile")
@@ -130,6 +138,8 @@ class Controller:
         await self._probe.close()
         if self._registry is not None:
             await self._registry.stop(grace_s=0.5)
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
         self._slots.clear()
 
     # ---- queries ---------------------------------------------------------------------------------------
@@ -197,6 +207,7 @@ class Controller:
             raise ValueError(f"pool: no pool named {pool!r}; pools: {sorted(self._desired)}")
         if groups < 0:
             raise ValueError(f"groups: must be >= 0, got {groups}")
+        self.metrics.scaled(pool, self._desired[pool], groups)
         self._desired[pool] = groups
         for (name, index), _slot in self._slots.items():
             if name == pool and index >= groups:
@@ -324,6 +335,7 @@ class Controller:
             logger.error("%s-g%d: gave up after %d restarts", slot.pool.name, slot.index, slot.restarts - 1)
         else:
             slot.state = "backoff"
+            self.metrics.restarted(slot.pool.name)
             slot.retry_at = time.monotonic() + self._policy.delay_s(slot.restarts)
 
     async def _drain_and_replace(self, slot: GroupSlot, grace_s: float) -> None:
@@ -386,6 +398,8 @@ class Controller:
 
     async def _publish(self) -> None:
         if not self._closed:
+            slots = self._slots.values()
+            self.metrics.observe(self._desired, ((s.pool.name, _PUBLISHED[s.state], s.pool.ep_size) for s in slots))
             await self._board.publish(self._records())
 
     async def _forget(self, group: WorkerGroup) -> None:

@@ -51,6 +51,8 @@ def worker_options_dict(config: ClusterConfig, pool: PoolConfig, worker_id: str)
         "port": 0,
         "transport": config.kv_transfer.transport,
         "lease_ttl_s": config.kv_transfer.lease_ttl_s,
+        "model_name": config.served_model_name,
+        "metrics_port": config.metrics.worker_port,
     }
 
 

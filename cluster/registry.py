@@ -30,7 +30,8 @@ REGISTRY_SERVICE = cluster_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 class WorkerBoard:
     """The current ``WorkerSnapshot`` and a wake-up for whoever waits for the next one."""
 
-    def __init__(self) -> None:
+    def __init__(self, controller_metrics_address: str = "") -> None:
+        self.controller_metrics_address = controller_metrics_address  # copied into every new snapshot
         self._snapshot = WorkerSnapshot(version=0, workers=())
         self._changed = asyncio.Condition()
 
@@ -41,8 +42,10 @@ class WorkerBoard:
     async def publish(self, workers: Iterable[WorkerRecord]) -> WorkerSnapshot:
         """Make ``workers`` the live set; a new version only if it differs from the current one."""
         ordered = tuple(sorted(workers, key=lambda w: (w.pool, w.group, w.rank)))
-        if ordered != self._snapshot.workers or self._snapshot.version == 0:
-            self._snapshot = WorkerSnapshot(self._snapshot.version + 1, ordered)
+        metrics = self.controller_metrics_address
+        current = self._snapshot
+        if ordered != current.workers or metrics != current.controller_metrics_address or current.version == 0:
+            self._snapshot = WorkerSnapshot(current.version + 1, ordered, metrics)
             async with self._changed:
                 self._changed.notify_all()
         return self._snapshot
@@ -60,6 +63,7 @@ class WorkerBoard:
 def snapshot_to_proto(snapshot: WorkerSnapshot) -> cluster_pb2.WorkerSet:
     return cluster_pb2.WorkerSet(
         version=snapshot.version,
+        controller_metrics_address=snapshot.controller_metrics_address,
         workers=[
             cluster_pb2.WorkerInfo(
                 worker_id=w.worker_id,
@@ -70,6 +74,7 @@ def snapshot_to_proto(snapshot: WorkerSnapshot) -> cluster_pb2.WorkerSet:
                 ep_size=w.ep_size,
                 address=w.address,
                 state=w.state,
+                metrics_address=w.metrics_address,
             )
             for w in snapshot.workers
         ],

@@ -39,10 +39,11 @@ def snapshot_from_proto(message: cluster_pb2.WorkerSet) -> WorkerSnapshot:
             ep_size=w.ep_size,
             address=w.address,
             state=_state(w.state),
+            metrics_address=w.metrics_address,
         )
         for w in message.workers
     )
-    return WorkerSnapshot(version=message.version, workers=workers)
+    return WorkerSnapshot(message.version, workers, message.controller_metrics_address)
 
 
 def _state(text: str) -> WorkerState:

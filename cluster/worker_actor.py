@@ -60,8 +60,8 @@ class WorkerActor:
             self._store = host_store(bind, timeout_s=timeout_s)
         return f"{self._store.host}:{self._store.port}"
 
-    async def start(self, rank_spec: Mapping[str, Any], options: Mapping[str, Any]) -> str:
-        """Build the rank and serve it; returns the Worker service address ``host:port``."""
+    async def start(self, rank_spec: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, str]:
+        """Build the rank and serve it; returns ``{"address", "metrics_address"}`` (``host:port`` each)."""
         from k2serve.workers.group_rank import GroupRank
         from k2serve.workers.service import WorkerOptions, WorkerServer
 
@@ -80,7 +80,7 @@ class WorkerActor:
             logger.exception("%s: start failed", self.worker_id)
             raise WorkerStartError(f"{self.worker_id}: {type(exc).__name__}: {exc}") from None
         logger.info("%s serving on %s (pid %d)", self.worker_id, self._server.address, os.getpid())
-        return str(self._server.address)
+        return {"address": self._server.address, "metrics_address": self._server.metrics_address}
 
     async def health(self) -> bool:
         """Serving, with its expert-parallel group intact. Any answer proves the process is alive; False

@@ -60,6 +60,7 @@ class RankSlot:
     rank: int
     actor: Any = None  # ray ActorHandle of a WorkerActor
     address: str = ""
+    metrics_address: str = ""
 
 
 @dataclass
@@ -94,6 +95,7 @@ class WorkerGroup:
                 ep_size=self.pool.ep_size,
                 address=slot.address,
                 state=state,
+                metrics_address=slot.metrics_address,
             )
             for slot in self.ranks
         ]
@@ -154,9 +156,9 @@ class WorkerGroup:
             )
             for slot in self.ranks
         ]
-        addresses: list[Any] = await _bounded(_gather(starts), deadline, f"{self.name}: building and serving the ranks")
-        for slot, address in zip(self.ranks, addresses, strict=True):
-            slot.address = str(address)
+        served: list[Any] = await _bounded(_gather(starts), deadline, f"{self.name}: building and serving the ranks")
+        for slot, endpoints in zip(self.ranks, served, strict=True):
+            slot.address, slot.metrics_address = str(endpoints["address"]), str(endpoints["metrics_address"])
         await self._until_serving(deadline, probe, check_timeout_s)
 
     async def _until_serving(self, deadline: float, probe: HealthProbe, check_timeout_s: float) -> None:

@@ -28,6 +28,7 @@ class WorkerRecord:
     ep_size: int
     address: str  # host:port of its Worker gRPC service; "" until it has one
     state: WorkerState
+    metrics_address: str = ""  # host:port of its /metrics; "" when it serves none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +40,7 @@ class WorkerSnapshot:
 
     version: int
     workers: tuple[WorkerRecord, ...]
+    controller_metrics_address: str = ""
 
     def ready(self, pool: str | None = None) -> tuple[WorkerRecord, ...]:
         return tuple(w for w in self.workers if w.state == "ready" and (pool is None or w.pool == pool))

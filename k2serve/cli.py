@@ -136,6 +136,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             p.add_argument("--demo-dir", default=os.environ.get("K2SERVE_DEMO_DIR", "~/.cache/k2serve/demo-tiny"))
         p.add_argument("--config", type=Path, default=None, required=name == "cluster", help="cluster YAML")
         p.add_argument("--colocated", action="store_true", help="one colocated pool instead of prefill + decode")
+        if name == "cluster":
+            p.add_argument("--no-router", action="store_true", help="run no router here (routers follow the registry)")
         p.add_argument("--host", default=None, help="router interface (default from the config: 127.0.0.1)")
         p.add_argument("--port", type=int, default=None, help="router HTTP port (0 = any free port)")
         p.add_argument("--grpc-port", type=int, default=None, help="router gRPC port (0 = any free port)")

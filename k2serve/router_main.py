@@ -18,17 +18,19 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from k2serve.cluster.config import RouterSettings
 from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableError
+from k2serve.cluster.worker_record import WorkerSnapshot
 from k2serve.router.admission import Admission, AdmissionLimits
 from k2serve.router.chat_template import ChatTemplate
 from k2serve.router.frontend import Frontend, ServedModel
 from k2serve.router.policy import parse_policy
 from k2serve.router.router_server import RouterOptions, RouterServer
+from k2serve.router.scrape_targets import ScrapeTarget, ScrapeTargets
 from k2serve.router.tokenizer import KimiTokenizer
 from k2serve.router.worker_client import Dispatcher, WorkerEndpoint
 
@@ -82,22 +84,34 @@ async def serve_router(
     return 0
 
 
-def registry_follower(address: str) -> tuple[Callable[[Dispatcher], Awaitable[None]], Follow]:
-    """(``first``: load the current set once, ``follow``: keep following it) for ``address``."""
+def registry_follower(address: str, targets: ScrapeTargets) -> tuple[Follow, Follow]:
+    """(``first``: load the current set once, ``follow``: keep following it) for ``address``; both
+    also keep ``targets`` (the ``/metrics`` endpoints for service discovery) equal to the set."""
     registry = RegistryClient(address)
 
-    async def first(dispatcher: Dispatcher) -> None:
-        snapshot = await registry.list()
+    async def apply(snapshot: WorkerSnapshot, dispatcher: Dispatcher) -> None:
         await dispatcher.update(endpoints_of(snapshot.ready()))
+        targets.update(scrape_targets_of(snapshot))
+
+    async def first(dispatcher: Dispatcher) -> None:
+        await apply(await registry.list(), dispatcher)
 
     async def follow(dispatcher: Dispatcher) -> None:
         try:
             async for snapshot in registry.watch():
-                await dispatcher.update(endpoints_of(snapshot.ready()))
+                await apply(snapshot, dispatcher)
         except RegistryUnavailableError as exc:
             print(f"k2serve: {exc}; keeping the last worker set", file=sys.stderr)
 
     return first, follow
+
+
+def scrape_targets_of(snapshot: WorkerSnapshot) -> list[ScrapeTarget]:
+    workers = [
+        ScrapeTarget(w.metrics_address, {"worker": w.worker_id, "pool": w.pool, "role": w.role, "group": str(w.group)})
+        for w in snapshot.workers
+    ]
+    return [*workers, ScrapeTarget(snapshot.controller_metrics_address, {"role": "controller"})]
 
 
 def endpoints_of(records: Sequence[object]) -> list[WorkerEndpoint]:
@@ -140,7 +154,7 @@ def run_router(args: argparse.Namespace) -> int:
         dispatcher = Dispatcher(policy=policy)
         frontend = build_frontend(model_dir, settings, max_model_len, dispatcher)
         if args.registry:
-            first, follow = registry_follower(args.registry)
+            first, follow = registry_follower(args.registry, frontend.scrape_targets)
             await first(dispatcher)
         else:
             await dispatcher.update(fixed)

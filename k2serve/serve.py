@@ -6,7 +6,8 @@ or ``--demo``, which first writes the tiny model to a cache folder) -> start or 
 group and serves the registry) -> wait until every group is ready -> run the router
 (``router_main.serve_router``: REST and gRPC on ``router.host``, a ``Dispatcher`` kept equal to
 the registry's ready workers) -> print one ``k2serve: ready ...`` line -> serve until
-SIGINT/SIGTERM -> drain: the router stops taking requests, the controller drains and stops
+SIGINT/SIGTERM (``cluster --no-router``: no router here; routers elsewhere follow the registry)
+-> drain: the router stops taking requests, the controller drains and stops
 every group, Ray is shut down (or disconnected). Exit status 0 after a clean stop, 1 when the
 cluster could not come up, 2 for bad flags or configuration.
 """
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -91,6 +93,10 @@ def run_serve(args: argparse.Namespace) -> int:
             status = controller.status()
             print(f"k2serve: the cluster was not ready in {args.ready_timeout:g}s: {status}", file=sys.stderr)
             return 1
+        if getattr(args, "no_router", False):
+            print(f"k2serve: ready; registry at {controller.registry_address} (no router here)", flush=True)
+            while True:  # the head of a cluster whose routers run elsewhere: until SIGINT/SIGTERM
+                time.sleep(1.0)
         signals.serving = True
         signals.install()
         return asyncio.run(_route(config, controller.registry_address, args.grace))
@@ -108,6 +114,6 @@ async def _route(config: ClusterConfig, registry_address: str, grace_s: float) -
     dispatcher = Dispatcher(policy=parse_policy(config.router.policy))
     max_model_len = min(p.max_model_len for p in config.pools)
     frontend = build_frontend(config.model, config.router, max_model_len, dispatcher)
-    first, follow = registry_follower(registry_address)
+    first, follow = registry_follower(registry_address, frontend.scrape_targets)
     await first(dispatcher)
     return await serve_router(frontend, config.router, api_keys(None), follow, grace_s)

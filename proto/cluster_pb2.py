@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bk2serve/proto/cluster.proto\x12\x12k2serve.cluster.v1\"%\n\x0cWatchRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x04\"\r\n\x0bListRequest\"\x89\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\x05\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x0f\n\x07\x65p_size\x18\x06 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\"M\n\tWorkerSet\x12/\n\x07workers\x18\x01 \x03(\x0b\x32\x1e.k2serve.cluster.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x04\x32\x9e\x01\n\x08Registry\x12J\n\x05Watch\x12 .k2serve.cluster.v1.WatchRequest\x1a\x1d.k2serve.cluster.v1.WorkerSet0\x01\x12\x46\n\x04List\x12\x1f.k2serve.cluster.v1.ListRequest\x1a\x1d.k2serve.cluster.v1.WorkerSetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bk2serve/proto/cluster.proto\x12\x12k2serve.cluster.v1\"%\n\x0cWatchRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x04\"\r\n\x0bListRequest\"\xa2\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\x05\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x0f\n\x07\x65p_size\x18\x06 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x17\n\x0fmetrics_address\x18\t \x01(\t\"q\n\tWorkerSet\x12/\n\x07workers\x18\x01 \x03(\x0b\x32\x1e.k2serve.cluster.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\"\n\x1a\x63ontroller_metrics_address\x18\x03 \x01(\t2\x9e\x01\n\x08Registry\x12J\n\x05Watch\x12 .k2serve.cluster.v1.WatchRequest\x1a\x1d.k2serve.cluster.v1.WorkerSet0\x01\x12\x46\n\x04List\x12\x1f.k2serve.cluster.v1.ListRequest\x1a\x1d.k2serve.cluster.v1.WorkerSetb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTREQUEST']._serialized_start=90
   _globals['_LISTREQUEST']._serialized_end=103
   _globals['_WORKERINFO']._serialized_start=106
-  _globals['_WORKERINFO']._serialized_end=243
-  _globals['_WORKERSET']._serialized_start=245
-  _globals['_WORKERSET']._serialized_end=322
-  _globals['_REGISTRY']._serialized_start=325
-  _globals['_REGISTRY']._serialized_end=483
+  _globals['_WORKERINFO']._serialized_end=268
+  _globals['_WORKERSET']._serialized_start=270
+  _globals['_WORKERSET']._serialized_end=383
+  _globals['_REGISTRY']._serialized_start=386
+  _globals['_REGISTRY']._serialized_end=544
 # @@protoc_insertion_point(module_scope)

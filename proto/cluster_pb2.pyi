@@ -17,7 +17,7 @@ class ListRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "pool", "role", "group", "rank", "ep_size", "address", "state")
+    __slots__ = ("worker_id", "pool", "role", "group", "rank", "ep_size", "address", "state", "metrics_address")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class WorkerInfo(_message.Message):
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pool: str
     role: str
@@ -34,12 +35,15 @@ class WorkerInfo(_message.Message):
     ep_size: int
     address: str
     state: str
-    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., group: _Optional[int] = ..., rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., address: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., group: _Optional[int] = ..., rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class WorkerSet(_message.Message):
-    __slots__ = ("workers", "version")
+    __slots__ = ("workers", "version", "controller_metrics_address")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     version: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    controller_metrics_address: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., controller_metrics_address: _Optional[str] = ...) -> None: ...

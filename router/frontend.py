@@ -42,6 +42,7 @@ from k2serve.router.generation_request import GenerationRequest
 from k2serve.router.kimi_vocab import THINK_END, TOOL_CALLS_SECTION_BEGIN
 from k2serve.router.router_metrics import RouterMetrics
 from k2serve.router.sampling_check import RequestLimits
+from k2serve.router.scrape_targets import ScrapeTargets
 from k2serve.router.tokenizer import KimiTokenizer
 from k2serve.router.worker_client import Dispatcher, NoWorkerError, TokenEvent
 
@@ -77,7 +78,8 @@ class Frontend:
         self.dispatcher, self.tokenizer, self.template = dispatcher, tokenizer, template
         self.model, self.admission = model, admission
         self.limits = limits or RequestLimits()
-        self.metrics = metrics or RouterMetrics(model.name, admission)
+        self.metrics = metrics or RouterMetrics(model.name, admission, dispatcher)
+        self.scrape_targets = ScrapeTargets()  # the workers' /metrics endpoints, kept by the set's follower
         self._running: dict[str, GenerationStream] = {}
 
     # -- helpers for the adapters ----------------------------------------------------------------
@@ -211,6 +213,7 @@ class GenerationStream:
         slot = self._frontend.admission.slot(request.n, deadline_s=request.deadline_s)
         await slot.__aenter__()
         self._slot = slot
+        self._frontend.metrics.observe_admitted(time.monotonic() - self._arrival)
         for i in range(request.n):
             self._tasks.append(asyncio.create_task(self._choice(i), name=f"{request.request_id}-choice-{i}"))
         first = await self._queue.get()

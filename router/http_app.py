@@ -5,8 +5,11 @@ uvicorn on the configured interface. It mounts
 - the OpenAI surface (``openai_routes``): ``/v1/chat/completions``, ``/v1/completions``,
   ``/v1/models``, ``/tokenize``, ``/detokenize``;
 - the Anthropic surface (``anthropic_routes``): ``/v1/messages``, ``/v1/messages/count_tokens``;
-- ``GET /health`` (200 while the router admits requests and a worker is live, else 503) and
-  ``GET /metrics`` (Prometheus text of ``frontend.metrics``; public by default).
+- ``GET /health`` (200 while the router admits requests and a worker is live, else 503),
+  ``GET /metrics`` (Prometheus text of ``frontend.metrics``; public by default) and
+  ``GET /metrics/targets`` (Prometheus HTTP service discovery of the workers' and the controller's
+  ``/metrics``; behind the key, it names internal addresses).
+The outermost layer, ``HttpCounter``, counts every answer (route template, method, status).
 Every failure leaves through one exception handler: ``ApiError`` -> its status and the surface's
 body (Anthropic's shape under ``/v1/messages``), FastAPI's validation errors -> 400, anything else
 -> 500 with a generic message (no exception text reaches a client). ``/docs`` and the OpenAPI
@@ -27,6 +30,7 @@ from k2serve.router.anthropic_routes import anthropic_routes
 from k2serve.router.api_error import ApiError, ErrorKind
 from k2serve.router.api_keys import ApiKeys
 from k2serve.router.frontend import Frontend
+from k2serve.router.http_counter import HttpCounter
 from k2serve.router.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_PUBLIC_PATHS, HttpGuard, is_anthropic_path
 from k2serve.router.openai_routes import openai_routes
 
@@ -47,7 +51,7 @@ def build_app(
     *,
     public_paths: tuple[str, ...] = DEFAULT_PUBLIC_PATHS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> HttpGuard:
+) -> HttpCounter:
     app = FastAPI(title="k2serve", version="0.1.0")
     registry = frontend.metrics.registry
 
@@ -80,6 +84,12 @@ def build_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/metrics/targets")
+    async def scrape_targets() -> JSONResponse:
+        return JSONResponse(frontend.scrape_targets.http_sd())
+
     app.include_router(openai_routes(frontend))
     app.include_router(anthropic_routes(frontend))
-    return HttpGuard(app, keys or ApiKeys(), public_paths=public_paths, max_body_bytes=max_body_bytes)
+    guarded = HttpGuard(app, keys or ApiKeys(), public_paths=public_paths, max_body_bytes=max_body_bytes)
+    routes = [path for route in app.routes if isinstance(path := getattr(route, "path", None), str)]
+    return HttpCounter(guarded, frontend.metrics.http_requests, routes)

@@ -175,6 +175,15 @@ def session_affinity(
     return next(c for c in ranked if not imbalance.overloaded(c, least)).worker_id  # ``least`` always qualifies
 
 
+@dataclass(frozen=True)
+class Pick:
+    """A routing decision. ``reason``: ``prefix`` (the longest cached prefix), ``session`` (the session's
+    rank), ``spill`` (the preferred rank was overloaded), ``least_load`` or ``round_robin``."""
+
+    worker_id: str
+    reason: str
+
+
 def choose(
     policy: RoutingPolicy,
     role: str,
@@ -184,28 +193,30 @@ def choose(
     matched_tokens: Mapping[str, int] | None = None,
     session_key: str | None = None,
     prompt_tokens: int = 0,
-) -> str:
-    """The worker id ``policy`` picks among ``candidates`` (all of ``role``) for one request. A rank
+) -> Pick:
+    """The rank ``policy`` picks among ``candidates`` (all of ``role``) for one request, and why. A rank
     that reports draining is passed over while another can take the request."""
     if not candidates:
         raise ValueError("choose needs at least one candidate")
     live = [c for c in candidates if not (c.fresh and c.draining)] or list(candidates)
     if policy.name == "round_robin":
-        return round_robin(live, turn)
+        return Pick(round_robin(live, turn), "round_robin")
     if role == "decode" or policy.name == "least_load":
-        return least_load(live, turn, kv_weight=policy.kv_weight)
+        return Pick(least_load(live, turn, kv_weight=policy.kv_weight), "least_load")
     if session_key and policy.name in _SESSION_POLICIES:
-        return session_affinity(live, session_key, policy.imbalance, turn, kv_weight=policy.kv_weight)
+        chosen = session_affinity(live, session_key, policy.imbalance, turn, kv_weight=policy.kv_weight)
+        home = max(live, key=lambda c: _rendezvous_weight(session_key, c.worker_id)).worker_id
+        return Pick(chosen, "session" if chosen == home else "spill")
     if policy.name in _PREFIX_POLICIES:
-        return prefix_aware(
-            live,
-            matched_tokens or {},
-            policy.imbalance,
-            turn,
-            min_matched=policy.min_matched_tokens(prompt_tokens),
-            kv_weight=policy.kv_weight,
+        matched, min_matched = matched_tokens or {}, max(policy.min_matched_tokens(prompt_tokens), 1)
+        chosen = prefix_aware(
+            live, matched, policy.imbalance, turn, min_matched=min_matched, kv_weight=policy.kv_weight
         )
-    return least_load(live, turn, kv_weight=policy.kv_weight)
+        if matched.get(chosen, 0) >= min_matched:
+            return Pick(chosen, "prefix")
+        held = any(matched.get(c.worker_id, 0) >= min_matched for c in live)
+        return Pick(chosen, "spill" if held else "least_load")
+    return Pick(least_load(live, turn, kv_weight=policy.kv_weight), "least_load")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from k2serve.proto import serving_pb2
 from k2serve.router.api_keys import ApiKeys
 from k2serve.router.frontend import Frontend
+from k2serve.router.grpc_counter import GrpcCounter
 from k2serve.router.grpc_server import add_serving, auth_interceptor
 from k2serve.router.http_app import build_app
 from k2serve.router.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_PUBLIC_PATHS
@@ -111,7 +112,10 @@ class RouterServer:
         o = self.options
         if o.grpc_port < 0:
             return
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[auth_interceptor(self.keys)])
+        server = grpc.aio.server(
+            options=GRPC_OPTIONS,
+            interceptors=[GrpcCounter(self.frontend.metrics.grpc_requests), auth_interceptor(self.keys)],
+        )
         add_serving(server, self.frontend, self.keys)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -98,6 +99,7 @@ class Dispatcher:
     prefill_retries: int = 1  # a Prefill that fails with UNAVAILABLE goes to another prefill rank this often
     pull_retries: int = 1  # a Decode whose KV pull failed re-prefills on another prefill rank; 0 = fail at once
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # the index keeps its first block size
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (role, Pick.reason) -> picks, for metrics
     _clients: dict[str, WorkerClient] = field(default_factory=dict)
     _turns: dict[str, int] = field(default_factory=dict)  # per role: advances on every pick among several
     _retiring: dict[asyncio.Task[None], grpc.aio.Channel] = field(default_factory=dict)  # closing after their calls
@@ -176,17 +178,17 @@ class Dispatcher:
         if len(candidates) > 1:
             self._turns[role] = turn + 1
         prefix_role = role != "decode"
-        chosen = candidates[
-            choose(
-                self.policy,
-                role,
-                [self._load(c) for c in candidates.values()],
-                turn=turn,
-                matched_tokens=self._index.match_hashes(call.blocks) if prefix_role else None,
-                session_key=call.session_key,
-                prompt_tokens=len(call.prompt),
-            )
-        ]
+        pick = choose(
+            self.policy,
+            role,
+            [self._load(c) for c in candidates.values()],
+            turn=turn,
+            matched_tokens=self._index.match_hashes(call.blocks) if prefix_role else None,
+            session_key=call.session_key,
+            prompt_tokens=len(call.prompt),
+        )
+        self.decisions[(role, pick.reason)] += 1
+        chosen = candidates[pick.worker_id]
         if prefix_role:
             self._index.record_hashes(call.blocks, chosen.worker_id)
         return chosen

@@ -429,7 +429,7 @@ def _walk(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, str]]:
 
 def _route_table(live: LiveRouter) -> list[tuple[str, str]]:
     """Every route of the app the router serves (``build_app`` over the same frontend: deterministic)."""
-    app: Any = build_app(live.frontend, ApiKeys((KEY,))).app
+    app: Any = build_app(live.frontend, ApiKeys((KEY,))).app.app  # HttpCounter -> HttpGuard -> FastAPI
     table = sorted(set(_walk(app.routes)))
     walked = {path for path, _ in table}
     for path in app.openapi()["paths"]:  # the schema's view agrees with the walk

@@ -203,6 +203,8 @@ def test_rank_plan_builds_the_rank_spec_and_resolves_a_memory_budget(model_dir: 
         "port": 0,
         "transport": "p2p",
         "lease_ttl_s": 30.0,
+        "model_name": model_dir.name,
+        "metrics_port": 0,
     }
 
 

@@ -13,6 +13,7 @@ from k2serve.router.load_monitor import LoadMonitor
 from k2serve.router.policy import (
     POLICY_NAMES,
     Imbalance,
+    Pick,
     RoutingPolicy,
     WorkerLoad,
     choose,
@@ -136,20 +137,20 @@ def test_session_affinity_spills_to_the_sessions_next_rank_when_its_rank_is_over
 def test_auto_prefers_the_session_then_the_prefix_and_decode_ranks_go_by_load() -> None:
     policy = RoutingPolicy(imbalance=TIGHT, block_size=4, min_match_ratio=0.0)
     workers = [_w("a", 1), _w("b", 0)]
-    assert choose(policy, "mixed", workers, matched_tokens={"a": 8}, prompt_tokens=12) == "a"
-    assert choose(policy, "prefill", workers, matched_tokens={"a": 8}, prompt_tokens=12) == "a"
-    assert choose(policy, "decode", workers, matched_tokens={"a": 8}, prompt_tokens=12) == "b"
+    assert choose(policy, "mixed", workers, matched_tokens={"a": 8}, prompt_tokens=12).worker_id == "a"
+    assert choose(policy, "prefill", workers, matched_tokens={"a": 8}, prompt_tokens=12).worker_id == "a"
+    assert choose(policy, "decode", workers, matched_tokens={"a": 8}, prompt_tokens=12).worker_id == "b"
     session = session_affinity(workers, "k", TIGHT)
-    assert choose(policy, "mixed", workers, matched_tokens={"a": 8, "b": 8}, session_key="k") == session
-    assert choose(RoutingPolicy("least_load"), "mixed", workers, matched_tokens={"a": 8}) == "b"
-    assert [choose(RoutingPolicy("round_robin"), "decode", workers, turn=t) for t in range(2)] == ["a", "b"]
-    assert choose(RoutingPolicy("session", imbalance=TIGHT), "mixed", workers, matched_tokens={"a": 8}) == "b"
+    assert choose(policy, "mixed", workers, matched_tokens={"a": 8, "b": 8}, session_key="k").worker_id == session
+    assert choose(RoutingPolicy("least_load"), "mixed", workers, matched_tokens={"a": 8}).worker_id == "b"
+    assert [choose(RoutingPolicy("round_robin"), "decode", workers, turn=t).worker_id for t in range(2)] == ["a", "b"]
+    assert choose(RoutingPolicy("session", imbalance=TIGHT), "mixed", workers, matched_tokens={"a": 8}).worker_id == "b"
 
 
 def test_a_draining_rank_gets_nothing_while_another_can_take_the_request() -> None:
     draining = _w("a", fresh=True, draining=True)
-    assert choose(RoutingPolicy(), "mixed", [draining, _w("b", 5)]) == "b"
-    assert choose(RoutingPolicy(), "mixed", [draining]) == "a"
+    assert choose(RoutingPolicy(), "mixed", [draining, _w("b", 5)]).worker_id == "b"
+    assert choose(RoutingPolicy(), "mixed", [draining]).worker_id == "a"
 
 
 def test_parse_policy_accepts_the_known_names_and_lists_them_otherwise() -> None:
@@ -263,3 +264,19 @@ def test_load_monitor_runs_in_the_background_and_drops_workers_that_left() -> No
         assert not monitor.running
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_every_pick_names_its_reason() -> None:
+    workers = [_w("a", 0), _w("b", 0)]
+    auto = RoutingPolicy(imbalance=TIGHT)
+    assert choose(auto, "mixed", workers, matched_tokens={"a": 64}, prompt_tokens=100).reason == "prefix"
+    assert choose(auto, "mixed", workers, matched_tokens={}, prompt_tokens=12).reason == "least_load"
+    busy = [_w("a", 9), _w("b", 0)]
+    assert choose(auto, "mixed", busy, matched_tokens={"a": 64}, prompt_tokens=100) == Pick("b", "spill")
+    assert choose(auto, "decode", workers).reason == "least_load"
+    assert choose(RoutingPolicy("round_robin"), "mixed", workers).reason == "round_robin"
+    home = session_affinity(workers, "k", TIGHT)
+    assert choose(auto, "mixed", workers, session_key="k") == Pick(home, "session")
+    loaded = [_w(w.worker_id, 9 if w.worker_id == home else 0) for w in workers]
+    spilled = choose(auto, "mixed", loaded, session_key="k")
+    assert spilled.reason == "spill" and spilled.worker_id != home

@@ -66,10 +66,10 @@ def picks(monkeypatch: pytest.MonkeyPatch) -> list[Pick]:
     recorded: list[Pick] = []
     choose = worker_client.choose
 
-    def spy(policy: RoutingPolicy, role: str, candidates: Sequence[WorkerLoad], **kwargs: Any) -> str:
-        chosen = choose(policy, role, candidates, **kwargs)
-        recorded.append(Pick(role, tuple(candidates), chosen))
-        return chosen
+    def spy(policy: RoutingPolicy, role: str, candidates: Sequence[WorkerLoad], **kwargs: Any) -> Any:
+        decision = choose(policy, role, candidates, **kwargs)
+        recorded.append(Pick(role, tuple(candidates), decision.worker_id))
+        return decision
 
     monkeypatch.setattr(worker_client, "choose", spy)
     return recorded

@@ -240,7 +240,7 @@ def test_a_failed_kv_pull_is_prefilled_again_on_another_rank(
             for retries in (1, 0):
                 dispatcher = Dispatcher(pull_retries=retries)
                 await dispatcher.update(WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in servers)
-                failed_pulls = decode.kv_stats["failed"]
+                failed_pulls = decode.metrics.kv.failed
                 finishes = []
                 for i in range(2):  # the two prefill ranks take turns: one request hits the broken one first
                     events = [e async for e in dispatcher.generate(f"retry{retries}-{i}", prompts[i], _greedy())]
@@ -249,7 +249,7 @@ def test_a_failed_kv_pull_is_prefilled_again_on_another_rank(
                         assert [t for e in events for t in e.token_ids] == oracle[i]
                     elif events[-1].finish_reason == "error":
                         assert "prefill rank p-broken" in events[-1].error
-                assert decode.kv_stats["failed"] == failed_pulls + 1  # exactly one pull hit the broken rank
+                assert decode.metrics.kv.failed == failed_pulls + 1  # exactly one pull hit the broken rank
                 assert finishes.count("error") == (0 if retries else 1)
                 await dispatcher.close()
             for server in servers:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from k2serve.workers.block_pool import BlockPool
+from k2serve.workers.engine_observer import EngineObserver, NullObserver
 from k2serve.workers.kv_cache_manager import KvCacheManager
 from k2serve.workers.lockstep import Lockstep
 from k2serve.workers.model.forward_batch import make_forward_batch
@@ -124,6 +125,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler()
         self.lockstep = lockstep
+        self.observer: EngineObserver = NullObserver()  # metrics; the owner replaces it
         self.failure: str | None = None  # the group error that stopped this engine
         self.num_steps = 0  # steps that ran the model here: forward passes, and empty steps in a group
         self._requests: dict[str, Request] = {}  # live children by id
@@ -242,6 +244,7 @@ class Engine:
                 continue
             self._pending_siblings.pop(cid, None)
             self.scheduler.finish(child, status)
+            self.observer.on_finished(child, status)
             self._finished.append(dataclasses.replace(self._final_output(child, (), None), error=error))
         return True
 
@@ -277,6 +280,7 @@ class Engine:
         try:
             if not self._group_runs(plan):
                 return outputs
+            self.observer.on_step(plan)
             logits = self._forward(plan)
             self.num_steps += 1
         except GroupError as exc:
@@ -355,6 +359,7 @@ class Engine:
         self, request: Request, token: int, logprobs: tuple[object, ...] | None, outputs: list[RequestOutput]
     ) -> None:
         request.append_output(token)
+        self.observer.on_token(request)
         status = request.check_stop(self.config.max_model_len)
         if status is None:
             outputs.append(RequestOutput(request.parent_id or request.request_id, request.index, (token,), logprobs))
@@ -372,6 +377,7 @@ class Engine:
         if request.hold_kv and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self._hold(request)
         self.scheduler.finish(request, status)
+        self.observer.on_finished(request, status)
         self._requests.pop(request.request_id, None)
         parent = request.parent_id or request.request_id
         siblings = self._children.get(parent)

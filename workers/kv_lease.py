@@ -53,6 +53,8 @@ class KvLeaseTable:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._pinned = 0
+        self.num_released = 0  # leases ended by release, release_request or expire_all
+        self.num_expired = 0  # leases ended by expire
 
     def grant(self, request_id: str, block_ids: Sequence[int], num_tokens: int, layout: KvLayout) -> Lease:
         if num_tokens != layout.num_tokens:
@@ -92,7 +94,9 @@ class KvLeaseTable:
         """Remove and return every lease past its time."""
         now = self._clock()
         with self._lock:
-            return [self._remove(lease) for lease in list(self._leases.values()) if now >= lease.expires_at]
+            return [
+                self._remove(lease, expired=True) for lease in list(self._leases.values()) if now >= lease.expires_at
+            ]
 
     def release_request(self, request_id: str) -> list[Lease]:
         """Remove and return the leases of ``request_id`` (live or expired): the request was aborted."""
@@ -104,9 +108,13 @@ class KvLeaseTable:
         with self._lock:
             return [self._remove(lease) for lease in list(self._leases.values())]
 
-    def _remove(self, lease: Lease) -> Lease:
+    def _remove(self, lease: Lease, *, expired: bool = False) -> Lease:
         del self._leases[lease.lease_id]
         self._pinned -= lease.num_blocks
+        if expired:
+            self.num_expired += 1
+        else:
+            self.num_released += 1
         return lease
 
     def __len__(self) -> int:

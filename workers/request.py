@@ -16,6 +16,7 @@ short does not.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from k2serve.workers.sampler import SamplingState
@@ -48,6 +49,16 @@ class RequestValidationError(ValueError):
         self.field = field_name
 
 
+@dataclass
+class RequestTimes:
+    """Monotonic seconds of a request's milestones on this rank, recorded by the engine's observer."""
+
+    arrival: float = field(default_factory=time.monotonic)  # admitted to this engine
+    scheduled: float | None = None  # first step that computed any of its tokens
+    first_token: float | None = None  # first token sampled here (or, if sampled elsewhere, the first after it)
+    last_token: float | None = None
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -68,6 +79,7 @@ class Request:
     num_preemptions: int = 0
     hold_kv: bool = False  # prefill role: keep the prompt's blocks pinned when the request ends
     num_transferred_tokens: int = 0  # decode role: prompt tokens whose KV came from a prefill rank
+    times: RequestTimes = field(default_factory=RequestTimes)
 
     @property
     def num_prompt_tokens(self) -> int:

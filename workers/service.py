@@ -19,7 +19,8 @@ Roles (``options.role``):
   gRPC stream when the handle says so), always releases the lease on the prefill rank, then streams
   the tokens after the first. A failed pull ends the RPC with UNAVAILABLE; a failed pull or admission,
   or a caller that leaves, cancels the receiver (it never writes again) and frees the reservation.
-Every rank answers ``Abort`` and ``GetLoad``.
+Every rank answers ``Abort`` and ``GetLoad``, and keeps its Prometheus series in ``metrics``
+(``WorkerMetrics``; served over HTTP on ``options.host`` when ``options.metrics_port`` is set).
 
 Status codes: INVALID_ARGUMENT (bad field, named), FAILED_PRECONDITION (wrong role),
 RESOURCE_EXHAUSTED (no blocks for the transfer), NOT_FOUND (unknown lease), UNAVAILABLE (draining,
@@ -56,8 +57,10 @@ from k2serve.workers.kv_transfer import (
 )
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
+from k2serve.workers.metrics_endpoint import MetricsEndpoint
 from k2serve.workers.sampling_params import SamplingParams
 from k2serve.workers.wire_format import delta_to_proto, logprobs_to_proto, sampling_from_proto, usage_to_proto
+from k2serve.workers.worker_metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ class WorkerOptions:
     transfer_timeout_s: float = 30.0
     checksum: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    model_name: str = ""  # the model_name label of its metrics
+    metrics_port: int | None = None  # serve /metrics over HTTP on host (0 = any free port); None = no endpoint
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "mixed"):
@@ -126,7 +131,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self._expiry_task: asyncio.Task[None] | None = None
         self._senders: dict[str, KvTransfer] = {}  # lease id -> its p2p sender (kept until the lease ends)
         self._layout_dtype = str(rank.engine.kv_cache[0].dtype).removeprefix("torch.")
-        self.kv_stats = {"sent": 0, "received": 0, "ok": 0, "failed": 0}  # bytes and transfer counts
+        self.metrics = WorkerMetrics(options.model_name, rank.engine.config.max_model_len)
+        leases = self.leases if options.role != "decode" else None
+        self.metrics.attach(rank.engine, leases, rank.dispatcher, rank.balancer)
+        self.metrics_endpoint: MetricsEndpoint | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -148,6 +156,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         await server.start()
         self.server = server
         self.address = f"{options.host}:{port}"
+        if options.metrics_port is not None:
+            self.metrics_endpoint = self.metrics.serve(options.host, options.metrics_port)
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases(), name="lease-expiry")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -162,6 +172,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         while time.monotonic() < deadline and (self.engine.has_unfinished_requests() or len(self.leases)):
             await asyncio.sleep(0.02)
 
+    @property
+    def metrics_address(self) -> str:
+        """``host:port`` of its ``/metrics`` endpoint; "" without one."""
+        return self.metrics_endpoint.address if self.metrics_endpoint is not None else ""
+
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.drain(grace_s)
         if self._expiry_task is not None:
@@ -175,6 +190,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             if sender is not None:
                 sender.cancel("the rank is stopping")
             self.engine.release_kv(lease.request_id)  # the loop is stopped: nothing else touches the engine
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         if self._p2p_server is not None:
             self._p2p_server.close()
         if self._p2p_client is not None:
@@ -198,10 +215,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             ep_rank=self.rank.ctx.rank,
             ep_size=self.rank.ctx.size,
             draining=self.draining,
-            kv_bytes_sent=self.kv_stats["sent"],
-            kv_bytes_received=self.kv_stats["received"],
-            kv_transfers_ok=self.kv_stats["ok"],
-            kv_transfers_failed=self.kv_stats["failed"],
+            kv_bytes_sent=self.metrics.kv.sent_bytes,
+            kv_bytes_received=self.metrics.kv.received_bytes,
+            kv_transfers_ok=self.metrics.kv.ok,
+            kv_transfers_failed=self.metrics.kv.failed,
         )
 
     # ---- RPCs ---------------------------------------------------------------------------------------------
@@ -358,13 +375,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                     if state is TransferState.FAILED:
                         raise _RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {receiver.error}")
                     success = True
-                    self.kv_stats["ok"] += 1
-                    self.kv_stats["received"] += receiver.bytes_moved
                 finally:
-                    if not success:
-                        self.kv_stats["failed"] += 1
-                        if receiver is not None:
-                            receiver.cancel("the decode rank gave up the transfer")
+                    if not success and receiver is not None:
+                        receiver.cancel("the decode rank gave up the transfer")
+                    moved, seconds = (receiver.bytes_moved, receiver.seconds) if receiver is not None else (0, 0.0)
+                    self.metrics.kv.finished("receive", handle.transport or "p2p", moved, seconds, success)
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await stub.ReleaseKv(
                             worker_pb2.ReleaseKvRequest(lease_id=handle.lease_id, success=success), timeout=5.0
@@ -419,13 +434,16 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} is unknown or expired")
         assert lease is not None
         source = CacheKvSource(self.engine.kv_cache, lease.block_ids, lease.num_tokens)
-        for chunk in kv_chunks(source, checksum=self.options.checksum):
-            if self.leases.get(request.lease_id) is None:  # released or expired: the blocks may be reused
-                self.kv_stats["failed"] += 1
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
-            self.kv_stats["sent"] += len(chunk.data)
-            yield chunk
-        self.kv_stats["ok"] += 1
+        started, moved, ok = time.monotonic(), 0, False
+        try:
+            for chunk in kv_chunks(source, checksum=self.options.checksum):
+                if self.leases.get(request.lease_id) is None:  # released or expired: the blocks may be reused
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
+                moved += len(chunk.data)
+                yield chunk
+            ok = True
+        finally:
+            self.metrics.kv.finished("send", "grpc", moved, time.monotonic() - started, ok)
 
     async def ReleaseKv(
         self, request: worker_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext
@@ -498,11 +516,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                 await self._end_lease(lease, "the lease expired")
 
     def _count_sent(self, sender: KvTransfer) -> None:
-        if sender.poll() is TransferState.SUCCESS:
-            self.kv_stats["sent"] += sender.bytes_moved
-            self.kv_stats["ok"] += 1
-        else:
-            self.kv_stats["failed"] += 1
+        ok = sender.poll() is TransferState.SUCCESS
+        self.metrics.kv.finished("send", "p2p", sender.bytes_moved, sender.seconds, ok)
 
     async def _release_kv(self, request_id: str) -> None:
         await self.loop.call(lambda e: e.release_kv(request_id))
