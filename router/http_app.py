@@ -91,5 +91,6 @@ def build_app(
     app.include_router(openai_routes(frontend))
     app.include_router(anthropic_routes(frontend))
     guarded = HttpGuard(app, keys or ApiKeys(), public_paths=public_paths, max_body_bytes=max_body_bytes)
-    routes = [path for route in app.routes if isinstance(path := getattr(route, "path", None), str)]
+    own = [path for route in app.routes if isinstance(path := getattr(route, "path", None), str)]
+    routes = {*own, *app.openapi()["paths"]}  # included routers hide their routes from app.routes
     return HttpCounter(guarded, frontend.metrics.http_requests, routes)

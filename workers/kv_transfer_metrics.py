@@ -32,6 +32,10 @@ class KvTransferMetrics:
         self._failures = Counter(
             "k2serve_kv_transfer_failures", "KV transfers that failed or were cancelled.", labels, registry=registry
         )
+        for direction in ("send", "receive"):  # every series exists (at 0) from the first scrape
+            for transport in ("p2p", "grpc"):
+                for series in (self._bytes, self._seconds, self._failures):
+                    series.labels(direction, transport)
         self._lock = threading.Lock()  # p2p senders finish on their own threads
         self.sent_bytes = 0
         self.received_bytes = 0

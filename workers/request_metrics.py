@@ -85,7 +85,14 @@ class RequestMetrics:
             [*labels, "source"],
             registry=registry,
         )
-        # touch every label value once so each series exists (at 0) from the first scrape
+        # touch every label value once so each series exists (at 0) from the first scrape: a rate over
+        # a series that is there and flat reads 0, over a missing one "no data"
+        for series in (self._ttft, self._itl, self._e2e, self._queue, self._inference, self._prefill, self._decode):
+            series.labels(model_name)
+        for series in (self._tpot, self._prompt_len, self._output_len, self._step_tokens):
+            series.labels(model_name)
+        for counter in (self._prompt_tokens, self._generation_tokens):
+            counter.labels(model_name)
         for reason in ("stop", "length", "abort", "error"):
             self._success.labels(model_name, reason)
         for source in ("computed", "cached", "transferred"):
