@@ -4,7 +4,7 @@ Lifecycle: a rank that runs an ``AllToAllDispatcher`` registers one ``ExpertPara
 its own ``CollectorRegistry`` (never the global one); every scrape reads the dispatcher's counters
 and the balancer's last measurement at that moment, so nothing is copied on the hot path.
 
-Series (labels bounded by the model: ``expert`` < n_routed_experts, ``layer`` < num_hidden_layers):
+Series (label ``model_name`` on each; bounded by the model: ``expert`` < n_routed_experts, ``layer`` < num_hidden_layers):
 - ``k2serve_ep_dispatch_bytes_total`` / ``k2serve_ep_combine_bytes_total``: hidden-state bytes sent to
   / received back from other ranks (tokens × hidden × dtype size, once per token per remote rank);
   ``k2serve_ep_dispatch_metadata_bytes_total``: the expert-id and weight rows sent with them;
@@ -28,12 +28,15 @@ from k2serve.workers.expert_balancer import ExpertBalancer
 
 
 class ExpertParallelCollector(Collector):
-    def __init__(self, dispatcher: AllToAllDispatcher, balancer: ExpertBalancer | None = None) -> None:
+    def __init__(
+        self, dispatcher: AllToAllDispatcher, balancer: ExpertBalancer | None = None, model_name: str = ""
+    ) -> None:
         self.dispatcher = dispatcher
         self.balancer = balancer
+        self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
-        s = self.dispatcher.stats
+        s, m = self.dispatcher.stats, [self.model_name]
         for name, doc, value in (
             ("k2serve_ep_dispatch_bytes", "Hidden-state bytes dispatched to other ranks.", s.dispatch_bytes),
             ("k2serve_ep_combine_bytes", "Hidden-state bytes combined back from other ranks.", s.combine_bytes),
@@ -55,24 +58,32 @@ class ExpertParallelCollector(Collector):
             ),
             ("k2serve_ep_dispatch_calls", "MoE-layer dispatch calls (one per MoE layer per step).", s.calls),
         ):
-            yield CounterMetricFamily(name, doc, value=value)
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(m, value)
+            yield family
         placement = self.dispatcher.placement
         per_expert = placement.logical_load(s.total_load).sum(dim=0)  # [E]
         tokens = CounterMetricFamily(
-            "k2serve_expert_tokens", "Token assignments this rank routed to each logical expert.", labels=["expert"]
+            "k2serve_expert_tokens",
+            "Token assignments this rank routed to each logical expert.",
+            labels=["model_name", "expert"],
         )
         for expert, count in enumerate(per_expert.tolist()):
-            tokens.add_metric([str(expert)], count)
+            tokens.add_metric([self.model_name, str(expert)], count)
         yield tokens
         if self.balancer is None:
             return
-        yield CounterMetricFamily(
-            "k2serve_ep_rebalances", "Expert placements applied by EPLB.", value=self.balancer.rebalances
+        rebalances = CounterMetricFamily(
+            "k2serve_ep_rebalances", "Expert placements applied by EPLB.", labels=["model_name"]
         )
+        rebalances.add_metric(m, self.balancer.rebalances)
+        yield rebalances
         ratio = GaugeMetricFamily(
-            "k2serve_ep_imbalance_ratio", "Max/mean tokens per rank in the last measured window.", labels=["layer"]
+            "k2serve_ep_imbalance_ratio",
+            "Max/mean tokens per rank in the last measured window.",
+            labels=["model_name", "layer"],
         )
         if self.balancer.imbalance_history:
             for layer, value in zip(placement.layers, self.balancer.imbalance_history[-1].tolist(), strict=True):
-                ratio.add_metric([str(layer)], value)
+                ratio.add_metric([self.model_name, str(layer)], value)
         yield ratio

@@ -39,7 +39,7 @@ class WorkerMetrics:
         engine.observer = self.requests
         self.registry.register(RankCollector(self.model_name, engine, leases))
         if dispatcher is not None:
-            self.registry.register(ExpertParallelCollector(dispatcher, balancer))
+            self.registry.register(ExpertParallelCollector(dispatcher, balancer, self.model_name))
 
     def serve(self, host: str, port: int = 0) -> MetricsEndpoint:
         return MetricsEndpoint.start(self.registry, host, port)
