@@ -62,6 +62,9 @@ class ControllerHandle:
     def status(self) -> list[dict[str, Any]]:
         return list(self._call("status"))
 
+    def desired(self) -> dict[str, int]:
+        return dict(self._call("desired"))
+
     def wait_ready(self, timeout_s: float) -> bool:
         return bool(self._call("wait_ready", timeout_s, timeout_s=timeout_s + self.call_timeout_s))
 

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from k2serve.pools import add_pools_parser
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -237,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(sub)
     _add_generate(sub)
     _add_bench(sub)
+    add_pools_parser(sub)
     _add_worker(sub)
     _add_serve(sub)
     _add_router(sub)

@@ -30,11 +30,19 @@ class ServeProcess:
     output: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, args: list[str], cwd: Path, ready_timeout_s: float = READY_TIMEOUT_S) -> ServeProcess:
+    def start(
+        cls, args: list[str], cwd: Path, ready_timeout_s: float = READY_TIMEOUT_S, env: dict[str, str] | None = None
+    ) -> ServeProcess:
         command = [sys.executable, "-m", "k2serve", *args, "--port", "0", "--grpc-port", "0"]
         started = time.monotonic()
         proc = subprocess.Popen(
-            command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            command,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=env,
         )
         self = cls(proc)
         assert proc.stdout is not None

@@ -6,6 +6,10 @@ cleanly on SIGTERM with no Ray process left."""
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -34,7 +38,8 @@ def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path, entry
         args = ["serve", "--demo", "--demo-dir", str(tmp_path / "demo")]
     else:
         args = ["cluster", "--config", str(_cluster_yaml(tmp_path))]
-    serving = ServeProcess.start(args, tmp_path)
+    env = {**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # shared with `k2serve pools` below
+    serving = ServeProcess.start(args, tmp_path, env=env)
     try:
         url = serving.url
         print(f"{entry} ready in {serving.ready_s:.1f}s")
@@ -52,6 +57,8 @@ def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path, entry
         assert len(token_ids) == 6  # demo: the first token from the prefill rank, five from the decode rank
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+        if entry == "cluster --config":
+            _check_pools_command(tmp_path, env)
     finally:
         returncode, children = serving.stop()
     assert returncode == 0, serving.log
@@ -59,3 +66,19 @@ def test_serve_demo_streams_a_completion_and_stops_cleanly(tmp_path: Path, entry
     while any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children):
         assert time.monotonic() < deadline, [c.cmdline()[:2] for c in children if c.is_running()]
         time.sleep(0.2)
+
+
+def _check_pools_command(cwd: Path, env: dict[str, str]) -> None:
+    """``k2serve pools`` from another process reaches the running cluster's controller (token auth on)."""
+
+    def pools(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "k2serve", "pools", *args]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=90)
+
+    status = pools("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    answer = json.loads(status.stdout[status.stdout.index("{") :])
+    assert answer["desired"] == {"colocated": 1}
+    assert [g["state"] for g in answer["groups"]] == ["ready"]
+    unknown = pools("scale", "decode", "2")  # a colocated cluster has no decode pool
+    assert unknown.returncode == 1 and "no pool named 'decode'" in unknown.stdout, unknown.stdout + unknown.stderr
