@@ -14,8 +14,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from k2serve.pools import add_pools_parser
-
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -202,6 +200,15 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     kernels.add_argument("--warmup", type=int, default=5, help="warm-up calls per implementation (at least 5)")
     kernels.add_argument("--reps", type=int, default=30, help="timed repetitions per implementation (at least 30)")
     kernels.set_defaults(func=_bench_kernels)
+    from k2serve.bench_serve import add_bench_serve_parser  # light: option modules only
+
+    add_bench_serve_parser(which)
+
+
+def _add_pools(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from k2serve.pools import add_pools_parser  # light: ray loads when the command runs
+
+    add_pools_parser(sub)
 
 
 def _add_make_tiny_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -239,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(sub)
     _add_generate(sub)
     _add_bench(sub)
-    add_pools_parser(sub)
+    _add_pools(sub)
     _add_worker(sub)
     _add_serve(sub)
     _add_router(sub)

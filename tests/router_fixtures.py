@@ -75,6 +75,7 @@ def live_router(
     num_blocks: int = 128,
     block_size: int = 4,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_model_len: int = MAX_MODEL_LEN,
     **worker_options: Any,
 ) -> Iterator[LiveRouter]:
     loop = asyncio.new_event_loop()
@@ -86,14 +87,14 @@ def live_router(
 
     async def start() -> LiveRouter:
         nonlocal router
-        spec = RankSpec(model_dir=model_dir, num_blocks=num_blocks, block_size=block_size, max_model_len=MAX_MODEL_LEN)
+        spec = RankSpec(model_dir=model_dir, num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len)
         for i, role in enumerate(roles):
             rank = await asyncio.to_thread(GroupRank.build, spec)
             options = WorkerOptions(f"{role}-{i}", role, **worker_options)
             workers.append(await WorkerServer.start(rank, options))
         await dispatcher.update(WorkerEndpoint(w.options.worker_id, w.options.role, w.address) for w in workers)
         tokenizer = KimiTokenizer.from_model_dir(model_dir)
-        model = ServedModel(name=model_dir.name, root=str(model_dir), max_model_len=MAX_MODEL_LEN)
+        model = ServedModel(name=model_dir.name, root=str(model_dir), max_model_len=max_model_len)
         frontend = Frontend(
             dispatcher,
             tokenizer,

@@ -13,11 +13,11 @@ import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from router_fixtures import LiveRouter, live_router
 
 from k2serve.proto import serving_pb2, serving_pb2_grpc
 from k2serve.tiny_model import make_tiny_model
 from k2serve.workers.config import ModelConfig
-from tests.router_fixtures import LiveRouter, live_router
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 MAX_TOKENS = 6

@@ -24,9 +24,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-
-from tests.dashboard_queries import concrete, dashboard_files, load_dashboard, panel_queries
-from tests.serve_process import ServeProcess
+from dashboard_queries import concrete, dashboard_files, load_dashboard, panel_queries
+from serve_process import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "helm" / "files" / "k2serve-alerts.yaml"

@@ -17,10 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from serve_process import ServeProcess
 
 from k2serve.cluster.config import ClusterConfig
 from k2serve.tiny_model import make_tiny_model
-from tests.serve_process import ServeProcess
 
 
 def _cluster_yaml(tmp_path: Path) -> Path:
