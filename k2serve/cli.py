@@ -102,6 +102,7 @@ def _add_router(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("router", help="run a router (REST + gRPC) in front of a registry's workers or a fixed list")
     p.add_argument("model", help="model folder (tokenizer, chat template and config.json; no weights are read)")
     p.add_argument("--registry", default=None, help="HOST:PORT of the controller's registry (follow its workers)")
+    p.add_argument("--registry-wait", type=float, default=600.0, help="seconds to wait for the registry at start")
     p.add_argument("--worker", action="append", help="a fixed worker ID=ROLE@HOST:PORT (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (REST and gRPC)")
     p.add_argument("--port", type=int, default=8000, help="REST port (0 = any free port)")

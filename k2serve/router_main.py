@@ -18,9 +18,12 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from k2serve.cluster.config import RouterSettings
 from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableError
@@ -35,6 +38,8 @@ from k2serve.router.tokenizer import KimiTokenizer
 from k2serve.router.worker_client import Dispatcher, WorkerEndpoint
 
 Follow = Callable[[Dispatcher], Coroutine[Any, Any, None]]
+REGISTRY_WAIT_S = 600.0  # a router may start long before the head node's registry
+REGISTRY_RETRY_S = 5.0
 
 
 def model_context_length(model_dir: Path) -> int:
@@ -84,9 +89,16 @@ async def serve_router(
     return 0
 
 
-def registry_follower(address: str, targets: ScrapeTargets) -> tuple[Follow, Follow]:
+def registry_follower(
+    address: str, targets: ScrapeTargets, wait_s: float = REGISTRY_WAIT_S, retry_s: float = REGISTRY_RETRY_S
+) -> tuple[Follow, Follow]:
     """(``first``: load the current set once, ``follow``: keep following it) for ``address``; both
-    also keep ``targets`` (the ``/metrics`` endpoints for service discovery) equal to the set."""
+    also keep ``targets`` (the ``/metrics`` endpoints for service discovery) equal to the set.
+
+    ``first`` waits up to ``wait_s`` for a registry that is not up yet (a router that starts before
+    the head node), then raises ``RegistryUnavailableError``. ``follow`` never gives up while the
+    router runs: when the registry stays away (a restarting head) it keeps routing to the last set
+    and tries again every ``retry_s``."""
     registry = RegistryClient(address)
 
     async def apply(snapshot: WorkerSnapshot, dispatcher: Dispatcher) -> None:
@@ -94,14 +106,25 @@ def registry_follower(address: str, targets: ScrapeTargets) -> tuple[Follow, Fol
         targets.update(scrape_targets_of(snapshot))
 
     async def first(dispatcher: Dispatcher) -> None:
-        await apply(await registry.list(), dispatcher)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                await apply(await registry.list(), dispatcher)
+                return
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                if time.monotonic() + retry_s > deadline:
+                    raise RegistryUnavailableError(f"registry {address}: not reachable in {wait_s:g}s") from exc
+                print(f"k2serve: waiting for the registry at {address}", file=sys.stderr, flush=True)
+                await asyncio.sleep(retry_s)
 
     async def follow(dispatcher: Dispatcher) -> None:
-        try:
-            async for snapshot in registry.watch():
-                await apply(snapshot, dispatcher)
-        except RegistryUnavailableError as exc:
-            print(f"k2serve: {exc}; keeping the last worker set", file=sys.stderr)
+        while True:
+            try:
+                async for snapshot in registry.watch():
+                    await apply(snapshot, dispatcher)
+            except RegistryUnavailableError as exc:
+                print(f"k2serve: {exc}; keeping the last worker set", file=sys.stderr, flush=True)
+            await asyncio.sleep(retry_s)
 
     return first, follow
 
@@ -154,8 +177,12 @@ def run_router(args: argparse.Namespace) -> int:
         dispatcher = Dispatcher(policy=policy)
         frontend = build_frontend(model_dir, settings, max_model_len, dispatcher)
         if args.registry:
-            first, follow = registry_follower(args.registry, frontend.scrape_targets)
-            await first(dispatcher)
+            first, follow = registry_follower(args.registry, frontend.scrape_targets, wait_s=args.registry_wait)
+            try:
+                await first(dispatcher)
+            except RegistryUnavailableError as exc:
+                print(f"k2serve: {exc}", file=sys.stderr)
+                return 1
         else:
             await dispatcher.update(fixed)
 

@@ -89,14 +89,12 @@ def run_serve(args: argparse.Namespace) -> int:
     controller: ControllerHandle | None = None
     try:
         controller = ControllerHandle.launch(config)
+        if getattr(args, "no_router", False):
+            return _head(controller, args.ready_timeout)
         if not controller.wait_ready(args.ready_timeout):
             status = controller.status()
             print(f"k2serve: the cluster was not ready in {args.ready_timeout:g}s: {status}", file=sys.stderr)
             return 1
-        if getattr(args, "no_router", False):
-            print(f"k2serve: ready; registry at {controller.registry_address} (no router here)", flush=True)
-            while True:  # the head of a cluster whose routers run elsewhere: until SIGINT/SIGTERM
-                time.sleep(1.0)
         signals.serving = True
         signals.install()
         return asyncio.run(_route(config, controller.registry_address, args.grace))
@@ -108,6 +106,18 @@ def run_serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 controller.shutdown(grace_s=args.grace, timeout_s=args.grace + 20.0)
         runtime.shutdown()
+
+
+def _head(controller: ControllerHandle, report_every_s: float) -> int:
+    """The head of a cluster whose routers run elsewhere: the controller keeps reconciling (a slow
+    model load is not a failure; a group that fails is restarted); report until ready, then serve the
+    registry until SIGINT/SIGTERM."""
+    print(f"k2serve: registry at {controller.registry_address} (no router here)", flush=True)
+    while not controller.wait_ready(report_every_s):
+        print(f"k2serve: not ready yet: {controller.status()}", file=sys.stderr, flush=True)
+    print(f"k2serve: ready; registry at {controller.registry_address} (no router here)", flush=True)
+    while True:
+        time.sleep(1.0)
 
 
 async def _route(config: ClusterConfig, registry_address: str, grace_s: float) -> int:

@@ -5,6 +5,7 @@ dead one. Plus the controller's pure policies: restart back-off and placement st
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,9 @@ from k2serve.cluster.registry import RegistryServer, WorkerBoard
 from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableError
 from k2serve.cluster.restart_policy import RestartPolicy
 from k2serve.cluster.worker_record import WorkerRecord, WorkerSnapshot, worker_id
+from k2serve.router.scrape_targets import ScrapeTargets
+from k2serve.router.worker_client import Dispatcher
+from k2serve.router_main import registry_follower
 
 
 def _worker(pool: str, group: int, rank: int, address: str = "", state: str = "ready") -> WorkerRecord:
@@ -119,3 +123,44 @@ def test_placement_strict_packs_a_group_that_fits_one_node_and_packs_otherwise()
     assert fits_cluster(rank, 8, [small, small]) and not fits_cluster(rank, 9, [small, small])
     assert group_strategy({"CPU": 0.5}, 4, [{"CPU": 2.0}]) == "STRICT_PACK"
     assert not fits_cluster({"CPU": 3.0}, 2, [{"CPU": 4.0}, {"CPU": 2.0}])  # 6 CPUs, but one rank per node fits
+
+
+def test_a_router_waits_for_a_late_registry_and_lists_its_metrics_endpoints() -> None:
+    """``router_main.registry_follower``: the first load retries until the head's registry is up (bounded),
+    and the scrape targets name every rank's and the controller's ``/metrics``."""
+
+    async def body() -> None:
+        port = _free_port()
+        targets, dispatcher = ScrapeTargets(), Dispatcher()
+        first, _ = registry_follower(f"127.0.0.1:{port}", targets, wait_s=20.0, retry_s=0.2)
+        waiting = asyncio.create_task(first(dispatcher))
+        await asyncio.sleep(1.0)
+        assert not waiting.done()  # nothing listens yet: still waiting, not failed
+        board = WorkerBoard(controller_metrics_address="127.0.0.1:9400")
+        ready = dataclasses.replace(_worker("prefill", 0, 0, "127.0.0.1:7001"), metrics_address="127.0.0.1:9101")
+        await board.publish([ready])
+        server = await RegistryServer.start(board, "127.0.0.1", port, heartbeat_s=0.2)
+        try:
+            await asyncio.wait_for(waiting, 15.0)
+        finally:
+            await server.stop(grace_s=0.1)
+        assert [e.worker_id for e in dispatcher.endpoints] == ["prefill-g0-r0"]
+        assert targets.http_sd() == [
+            {
+                "targets": ["127.0.0.1:9101"],
+                "labels": {"worker": "prefill-g0-r0", "pool": "prefill", "role": "prefill", "group": "0"},
+            },
+            {"targets": ["127.0.0.1:9400"], "labels": {"role": "controller"}},
+        ]
+        await dispatcher.close()
+
+    asyncio.run(body())
+
+
+def test_a_router_gives_up_on_a_registry_that_never_comes_within_its_bound() -> None:
+    async def body() -> None:
+        first, _ = registry_follower(f"127.0.0.1:{_free_port()}", ScrapeTargets(), wait_s=1.0, retry_s=0.2)
+        with pytest.raises(RegistryUnavailableError, match="not reachable"):
+            await asyncio.wait_for(first(Dispatcher()), 15.0)
+
+    asyncio.run(body())

@@ -1,0 +1,112 @@
+{{/*
+Pod-level fields shared by the Ray head and the worker groups. Call with (dict "ctx" $ "group" <values>).
+*/}}
+{{- define "k2serve.rayPodSpec" -}}
+serviceAccountName: {{ include "k2serve.serviceAccountName" .ctx }}
+automountServiceAccountToken: false
+terminationGracePeriodSeconds: {{ .group.terminationGracePeriodSeconds }}
+{{- with .ctx.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .group.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .group.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .group.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+One KubeRay worker group (one list item of workerGroupSpecs) for a pool: <name> is prefill or decode.
+One pod per GPU node; its GPUs go to Ray with --num-gpus and to Kubernetes in requests and limits.
+The container starts Ray itself (see the ray.io/overwrite-container-cmd comment in raycluster.yaml):
+`exec ray start --address=<head>:<gcs> --block`, so the pod lives as long as its raylet.
+Call with (dict "ctx" $ "name" "prefill" "group" .Values.prefill).
+*/}}
+{{- define "k2serve.rayWorkerGroup" -}}
+{{- $ctx := .ctx }}
+{{- $g := .group }}
+{{- $gpu := int $g.gpusPerPod }}
+{{- $params := dict }}
+{{- range $k, $v := $g.rayStartParams }}{{ $_ := set $params $k (toString $v) }}{{- end }}
+{{- $_ := set $params "node-manager-port" (toString $ctx.Values.ray.nodeManagerPort) }}
+{{- $_ := set $params "num-gpus" (toString $gpu) -}}
+- groupName: {{ .name }}
+  replicas: {{ $g.replicas }}
+  minReplicas: {{ $g.minReplicas }}
+  maxReplicas: {{ $g.maxReplicas }}
+  rayStartParams:
+    {{- toYaml $params | nindent 4 }}
+  template:
+    metadata:
+      labels:
+        {{- include "k2serve.labels" (dict "ctx" $ctx "component" .name) | nindent 8 }}
+        {{- with $g.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $g.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      {{- include "k2serve.rayPodSpec" (dict "ctx" $ctx "group" $g) | nindent 6 }}
+      containers:
+        - name: ray-worker
+          image: {{ include "k2serve.image" $ctx }}
+          imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+          command: ["/bin/bash", "-c", "--"]
+          args:
+            - |-
+              set -e
+              ulimit -n 65536 || true
+              exec ray start --address={{ include "k2serve.gcsAddress" $ctx }} --node-ip-address="$K2SERVE_HOST_IP" --block{{ include "k2serve.rayFlags" $params }}
+          ports:
+            - {name: raylet, containerPort: {{ $ctx.Values.ray.nodeManagerPort }}, protocol: TCP}
+          env:
+            {{- include "k2serve.rayEnv" $ctx | nindent 12 }}
+            {{- with $g.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          resources:
+            {{- $res := deepCopy (default dict $g.resources) }}
+            {{- if gt $gpu 0 }}
+            {{- $_ := set $res "limits" (merge (dict $ctx.Values.gpuResourceName (toString $gpu)) (default dict $res.limits)) }}
+            {{- $_ := set $res "requests" (merge (dict $ctx.Values.gpuResourceName (toString $gpu)) (default dict $res.requests)) }}
+            {{- end }}
+            {{- toYaml $res | nindent 12 }}
+          # The raylet's port: open while this node is part of the Ray cluster.
+          readinessProbe:
+            tcpSocket: {port: raylet}
+            {{- toYaml $g.readinessProbe | nindent 12 }}
+          livenessProbe:
+            tcpSocket: {port: raylet}
+            {{- toYaml $g.livenessProbe | nindent 12 }}
+          {{- with $g.securityContext }}
+          securityContext:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          volumeMounts:
+            - {name: dshm, mountPath: /dev/shm}
+            - {name: model, mountPath: /models, readOnly: true}
+      volumes:
+        - name: dshm
+          emptyDir: {medium: Memory, sizeLimit: {{ $g.shmSize }}}
+        {{- include "k2serve.modelVolume" $ctx | nindent 8 }}
+{{- end }}
