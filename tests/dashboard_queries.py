@@ -16,11 +16,14 @@ engine). A target without it returns data once k2serve has served a few requests
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +48,17 @@ DEFAULT_VARIABLES: Mapping[str, str] = {
 
 # ``$name``, ``${name}`` or ``${name:format}``; ``${1}`` / ``$1`` are label_replace references, not variables.
 _VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\$(\w+)")
+
+
+def prometheus_tool(name: str) -> str:
+    """The path of Debian's ``prometheus`` or ``promtool``; skips the test where it is missing, fails
+    instead when ``K2SERVE_REQUIRE_PROMETHEUS=1`` (CI installs the package)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("K2SERVE_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail(f"{name} is not on PATH and K2SERVE_REQUIRE_PROMETHEUS=1")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+    return path
 
 
 def dashboard_files() -> list[Path]:

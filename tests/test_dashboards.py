@@ -9,9 +9,7 @@ tests skip when it is not installed, unless ``K2SERVE_REQUIRE_PROMETHEUS=1`` mak
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -31,6 +29,7 @@ from dashboard_queries import (
     iter_panels,
     load_dashboard,
     panel_queries,
+    prometheus_tool,
 )
 from prometheus_client.utils import floatToGoString
 
@@ -103,12 +102,7 @@ def variable_queries(dashboard: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("K2SERVE_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail("promtool is not on PATH and K2SERVE_REQUIRE_PROMETHEUS=1")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return path
+    return prometheus_tool("promtool")
 
 
 def run_promtool(promtool: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

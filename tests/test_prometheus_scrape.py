@@ -12,8 +12,6 @@ Skipped where no ``prometheus`` binary is installed, unless ``K2SERVE_REQUIRE_PR
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -24,21 +22,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from dashboard_queries import concrete, dashboard_files, load_dashboard, panel_queries
+from dashboard_queries import concrete, dashboard_files, load_dashboard, panel_queries, prometheus_tool
 from serve_process import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "helm" / "files" / "k2serve-alerts.yaml"
 START_TIMEOUT_S = 60.0
-
-
-def _prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        if os.environ.get("K2SERVE_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail("prometheus is not installed (apt-get install prometheus), and K2SERVE_REQUIRE_PROMETHEUS=1")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    return found
 
 
 def _free_port() -> int:
@@ -69,7 +58,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def prometheus(demo: ServeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = _prometheus_binary()
+    binary = prometheus_tool("prometheus")
     root = tmp_path_factory.mktemp("prometheus")
     router = demo.url.removeprefix("http://")
     config = {
