@@ -76,11 +76,7 @@ class RayRuntime:
         try:
             with _working_directory(neutral):
                 if embedded:
-                    ray.init(
-                        num_cpus=settings.num_cpus,
-                        include_dashboard=False,
-                        namespace=settings.namespace,
-                    )
+                    _init_embedded(settings)
                 else:
                     ray.init(address=settings.address, namespace=settings.namespace)
         except BaseException:
@@ -130,6 +126,20 @@ class RayRuntime:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+def _init_embedded(settings: RaySettings, attempts: int = 2) -> None:
+    """``ray.init`` of a new local instance; a GCS that does not come up in Ray's own bound (seen on a
+    loaded 2-core machine: "Timed out waiting for file .../gcs_server_port_...") gets one more try."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=settings.num_cpus, include_dashboard=False, namespace=settings.namespace)
+            return
+        except RuntimeError as exc:
+            if "Timed out waiting for file" not in str(exc) or attempt + 1 == attempts:
+                raise
+            logger.warning("ray: the local instance did not start (%s); trying again", exc)
+            ray.shutdown()
 
 
 def _reload_ray_auth() -> None:
