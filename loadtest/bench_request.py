@@ -90,16 +90,3 @@ class RequestRecord:
             "max_tokens": self.max_tokens,
             "finish_reason": self.finish_reason,
         }
-
-
-def failed_record(request: BenchRequest, error: str, start_time: float = 0.0, latency: float = 0.0) -> RequestRecord:
-    return RequestRecord(
-        success=False,
-        error=error,
-        start_time=start_time,
-        latency=latency,
-        session_id=request.session_id,
-        turn=request.turn,
-        prompt_len=request.prompt_len,
-        max_tokens=request.max_tokens,
-    )

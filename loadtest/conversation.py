@@ -49,10 +49,6 @@ class Workload:
     sessions: tuple[AgenticSession, ...] = ()
 
     @property
-    def num_conversations(self) -> int:
-        return len(self.requests) + len(self.sessions)
-
-    @property
     def num_requests(self) -> int:
         return len(self.requests) + sum(s.num_turns for s in self.sessions)
 

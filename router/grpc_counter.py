@@ -46,25 +46,20 @@ class GrpcCounter(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            code = "UNKNOWN"
+            error: BaseException | None = None
             try:
-                result = await behavior(request, context)
-                code = _code(context, "OK")
-                return result
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code(context, "UNKNOWN")
+                return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
                 raise
             finally:
-                self.counter.labels(method, code).inc()
+                self.counter.labels(method, _outcome(context, error)).inc()
 
         return call
 
     def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            code = "UNKNOWN"
+            error: BaseException | None = None
             try:
                 produced = behavior(request, context)
                 if hasattr(produced, "__aiter__"):
@@ -72,23 +67,22 @@ class GrpcCounter(grpc.aio.ServerInterceptor):
                         yield message
                 else:  # a handler that writes with context.write and returns
                     await produced
-                code = _code(context, "OK")
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code(context, "UNKNOWN")
+            except BaseException as exc:
+                error = exc
                 raise
             finally:
-                self.counter.labels(method, code).inc()
+                self.counter.labels(method, _outcome(context, error)).inc()
 
         return call
 
 
-def _code(context: grpc.aio.ServicerContext, default: str) -> str:
+def _outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    """The final status name of a call that ended with ``error`` (None: returned normally)."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):
-        return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
-    return default
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return "OK" if error is None else "UNKNOWN"

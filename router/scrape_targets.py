@@ -27,9 +27,5 @@ class ScrapeTargets:
     def update(self, targets: Iterable[ScrapeTarget]) -> None:
         self._targets = tuple(t for t in targets if t.address)
 
-    @property
-    def targets(self) -> tuple[ScrapeTarget, ...]:
-        return self._targets
-
     def http_sd(self) -> list[dict[str, object]]:
         return [{"targets": [t.address], "labels": dict(t.labels)} for t in self._targets]

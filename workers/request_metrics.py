@@ -126,23 +126,22 @@ class RequestMetrics:
         prompt = request.num_prompt_tokens
         cached = max(request.num_cached_tokens, 0)
         transferred = request.num_transferred_tokens
+        computed = prompt - cached - transferred if times.scheduled is not None else 0  # never ran: none computed
         self._prompt_tokens.labels(m).inc(prompt)
         self._by_source.labels(m, "cached").inc(cached)
         self._by_source.labels(m, "transferred").inc(transferred)
-        self._by_source.labels(m, "computed").inc(max(prompt - cached - transferred, 0))
+        self._by_source.labels(m, "computed").inc(max(computed, 0))
         self._prompt_len.labels(m).observe(prompt)
         self._output_len.labels(m).observe(request.num_output_tokens)
-        if times.last_token is None:  # ended before its first token here: only the wait is known
-            if times.scheduled is not None:
-                self._queue.labels(m).observe(times.scheduled - times.arrival)
+        if times.scheduled is not None:
+            self._queue.labels(m).observe(times.scheduled - times.arrival)
+        if times.first_token is None or times.last_token is None:  # ended before its first token here
             return
         self._e2e.labels(m).observe(times.last_token - times.arrival)
         if times.scheduled is not None:
-            self._queue.labels(m).observe(times.scheduled - times.arrival)
             self._inference.labels(m).observe(times.last_token - times.scheduled)
-        if times.first_token is not None:
-            decode = times.last_token - times.first_token
-            self._decode.labels(m).observe(decode)
-            decoded_here = request.num_output_tokens - (1 if request.num_transferred_tokens == 0 else 2)
-            if decoded_here > 0:
-                self._tpot.labels(m).observe(decode / decoded_here)
+        decode = times.last_token - times.first_token
+        self._decode.labels(m).observe(decode)
+        decoded_here = request.num_output_tokens - (1 if transferred == 0 else 2)  # tokens after the first one here
+        if decoded_here > 0:
+            self._tpot.labels(m).observe(decode / decoded_here)
