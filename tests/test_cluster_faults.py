@@ -40,7 +40,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ import grpc
 import pytest
 import ray
 import torch
+from request_ledger import Ledger, Result
 
 from k2serve.cluster.config import ClusterConfig, RaySettings
 from k2serve.cluster.controller_handle import ControllerHandle
@@ -227,36 +227,6 @@ async def _router(registry_address: str) -> AsyncIterator[Dispatcher]:
 
 def _sampling(max_tokens: int = MAX_TOKENS) -> worker_pb2.SamplingParams:
     return worker_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-@dataclass(frozen=True)
-class Result:
-    request_id: str
-    outcome: str  # ok | wrong: ... | error: ... | raised: ... | hung
-    tokens: list[int]
-    seconds: float
-
-
-@dataclass
-class Ledger:
-    """Exactly one outcome per request id."""
-
-    results: dict[str, Result] = field(default_factory=dict)
-
-    def record(self, result: Result) -> None:
-        earlier = self.results.get(result.request_id)
-        assert earlier is None, f"{result.request_id}: a second outcome {result.outcome!r} after {earlier}"
-        self.results[result.request_id] = result
-
-    def kinds(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for result in self.results.values():
-            kind = result.outcome.split(":", 1)[0]
-            counts[kind] = counts.get(kind, 0) + 1
-        return counts
-
-    def with_kind(self, kind: str) -> list[Result]:
-        return [r for r in self.results.values() if r.outcome.split(":", 1)[0] == kind]
 
 
 async def _request(
