@@ -31,6 +31,7 @@ def rank_spec_dict(config: ClusterConfig, pool: PoolConfig, rank: int, rendezvou
         "ep_rank": rank,
         "rendezvous": rendezvous,
         "timeout_s": pool.collective_timeout_s,
+        "join_timeout_s": max(pool.collective_timeout_s, config.health.start_timeout_s),
         "redundant_experts": pool.redundant_experts,
         "dtype": pool.dtype,
         "device": pool.device,
@@ -51,6 +52,8 @@ def worker_options_dict(config: ClusterConfig, pool: PoolConfig, worker_id: str)
         "port": 0,
         "transport": config.kv_transfer.transport,
         "lease_ttl_s": config.kv_transfer.lease_ttl_s,
+        "handoff_wait_s": config.kv_transfer.handoff_wait_s,
+        "checksum": config.kv_transfer.checksum,
         "model_name": config.served_model_name,
         "metrics_port": config.metrics.worker_port,
     }

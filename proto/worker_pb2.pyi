@@ -107,7 +107,7 @@ class TokenDelta(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("lease_id", "prefill_worker_id", "prefill_address", "transfer_rendezvous", "transport", "num_tokens", "num_layers", "row_dim", "dtype", "lease_expires_unix_ms", "checksum")
+    __slots__ = ("lease_id", "prefill_worker_id", "prefill_address", "transfer_rendezvous", "transport", "num_tokens", "num_layers", "row_dim", "dtype", "lease_expires_unix_ms", "checksum", "lease_ttl_s")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class KvHandle(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     prefill_worker_id: str
     prefill_address: str
@@ -130,7 +131,8 @@ class KvHandle(_message.Message):
     dtype: str
     lease_expires_unix_ms: int
     checksum: bool
-    def __init__(self, lease_id: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., prefill_address: _Optional[str] = ..., transfer_rendezvous: _Optional[str] = ..., transport: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., row_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., checksum: _Optional[bool] = ...) -> None: ...
+    lease_ttl_s: float
+    def __init__(self, lease_id: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., prefill_address: _Optional[str] = ..., transfer_rendezvous: _Optional[str] = ..., transport: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., row_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., checksum: _Optional[bool] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "cache_salt", "transport")
@@ -203,7 +205,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("worker_id", "role", "waiting", "running", "kv_usage", "num_blocks", "free_blocks", "prefix_queries", "prefix_hits", "leases", "pinned_blocks", "ep_rank", "ep_size", "draining", "kv_bytes_sent", "kv_bytes_received", "kv_transfers_ok", "kv_transfers_failed")
+    __slots__ = ("worker_id", "role", "waiting", "running", "kv_usage", "num_blocks", "free_blocks", "prefix_queries", "prefix_hits", "leases", "pinned_blocks", "ep_rank", "ep_size", "draining", "kv_bytes_sent", "kv_bytes_received", "kv_transfers_ok", "kv_transfers_failed", "handoffs_waiting", "handoff_waits", "engine_failed", "failure")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +224,10 @@ class Load(_message.Message):
     KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFERS_OK_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFERS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    HANDOFFS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_WAITS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FAILED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     waiting: int
@@ -240,7 +246,11 @@ class Load(_message.Message):
     kv_bytes_received: int
     kv_transfers_ok: int
     kv_transfers_failed: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., prefix_queries: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transfers_ok: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ...) -> None: ...
+    handoffs_waiting: int
+    handoff_waits: int
+    engine_failed: bool
+    failure: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., prefix_queries: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transfers_ok: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., handoffs_waiting: _Optional[int] = ..., handoff_waits: _Optional[int] = ..., engine_failed: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class StartKvSendRequest(_message.Message):
     __slots__ = ("lease_id", "receiver_id")
@@ -289,3 +299,17 @@ class ReleaseKvResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class RenewKvRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class RenewKvResponse(_message.Message):
+    __slots__ = ("ttl_s", "lease_expires_unix_ms")
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ttl_s: float
+    lease_expires_unix_ms: int
+    def __init__(self, ttl_s: _Optional[float] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...

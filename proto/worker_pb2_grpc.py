@@ -74,6 +74,11 @@ class WorkerStub:
                 request_serializer=k2serve_dot_proto_dot_worker__pb2.ReleaseKvRequest.SerializeToString,
                 response_deserializer=k2serve_dot_proto_dot_worker__pb2.ReleaseKvResponse.FromString,
                 _registered_method=True)
+        self.RenewKv = channel.unary_unary(
+                '/k2serve.worker.v1.Worker/RenewKv',
+                request_serializer=k2serve_dot_proto_dot_worker__pb2.RenewKvRequest.SerializeToString,
+                response_deserializer=k2serve_dot_proto_dot_worker__pb2.RenewKvResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -95,8 +100,11 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Decode(self, request, context):
-        """Disaggregated, step 2 on a decode rank: pull the KV cache named by the handle, then stream the
-        tokens after the first one. The lease is released on the prefill rank once the pull ends.
+        """Disaggregated, step 2 on a decode rank: wait (bounded, first come first served) for free KV
+        blocks, pull the KV cache named by the handle, then stream the tokens after the first one.
+        While it waits and pulls, the decode rank keeps the lease alive with RenewKv; the lease is
+        released on the prefill rank once the pull ends. A refusal (RESOURCE_EXHAUSTED) leaves the
+        lease to the caller: decode elsewhere with the same handle, or Abort on the prefill rank.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +139,14 @@ class WorkerServicer:
 
     def ReleaseKv(self, request, context):
         """The decode side is done with a lease (success or not): the prefill side frees the blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewKv(self, request, context):
+        """Heartbeat of the decode rank holding a handle: extend the lease by its TTL from now.
+        NOT_FOUND when the lease is unknown, released or expired (the KV is gone: prefill again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +194,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ReleaseKv,
                     request_deserializer=k2serve_dot_proto_dot_worker__pb2.ReleaseKvRequest.FromString,
                     response_serializer=k2serve_dot_proto_dot_worker__pb2.ReleaseKvResponse.SerializeToString,
+            ),
+            'RenewKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewKv,
+                    request_deserializer=k2serve_dot_proto_dot_worker__pb2.RenewKvRequest.FromString,
+                    response_serializer=k2serve_dot_proto_dot_worker__pb2.RenewKvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +417,33 @@ class Worker:
             '/k2serve.worker.v1.Worker/ReleaseKv',
             k2serve_dot_proto_dot_worker__pb2.ReleaseKvRequest.SerializeToString,
             k2serve_dot_proto_dot_worker__pb2.ReleaseKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2serve.worker.v1.Worker/RenewKv',
+            k2serve_dot_proto_dot_worker__pb2.RenewKvRequest.SerializeToString,
+            k2serve_dot_proto_dot_worker__pb2.RenewKvResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -200,7 +200,7 @@ def test_unclaimed_lease_expires_and_drain_refuses_new_work(model_dir: Path) -> 
                 assert load.leases == 1 and load.pinned_blocks == -(-29 // 4)
                 for _ in range(100):  # the expiry check runs every second
                     load = await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
-                    if load.leases == 0:
+                    if (load.leases, load.pinned_blocks) == (0, 0):
                         break
                     await asyncio.sleep(0.05)
                 assert (load.leases, load.pinned_blocks) == (0, 0)
@@ -222,7 +222,8 @@ def test_unclaimed_lease_expires_and_drain_refuses_new_work(model_dir: Path) -> 
 def test_a_failed_kv_pull_is_prefilled_again_on_another_rank(
     model_dir: Path, prompts: list[list[int]], oracle: list[list[int]]
 ) -> None:
-    from k2serve.router.worker_client import Dispatcher, WorkerEndpoint
+    from k2serve.router.dispatcher import Dispatcher
+    from k2serve.router.worker_client import WorkerEndpoint
 
     async def body() -> None:
         spec = RankSpec(model_dir=model_dir, num_blocks=128, block_size=4, max_model_len=256)

@@ -15,7 +15,8 @@ In an expert-parallel group (``lockstep`` given) every ``step()`` is a collectiv
 on their token counts first, and a rank with nothing scheduled runs the model's empty step while
 any peer has work. If a collective fails (``GroupError``: a peer died or is stuck), every request
 of this rank ends with ``finish_reason`` ``error`` and the group's message, the engine refuses new
-requests (``EngineFailedError``), and its owner must restart the rank.
+requests (``EngineFailedError``), and its owner must restart the rank. ``fail(reason)`` does the same
+for an owner that declares the engine dead (``EngineLoop``: too many failed steps in a row).
 
 Disaggregated serving (prefill and decode on different ranks):
 - prefill role: ``add_request(..., hold_kv=True)`` with ``max_tokens=1``; when the request ends, its
@@ -24,15 +25,16 @@ Disaggregated serving (prefill and decode on different ranks):
   are never written or reallocated;
 - decode role: ``reserve_kv(request_id, num_tokens)`` allocates the blocks the transfer writes into
   (from another thread: no step touches a reservation), then ``add_prefilled_request`` admits the
-  request with its prompt already computed and its first token already sampled; it decodes from
-  there, and a preemption recomputes everything locally. ``cancel_reservation`` gives the blocks back
+  request with its prompt already computed and its first token already sampled, straight into the
+  running batch (a waiting request holds no blocks); it decodes from there, and a preemption
+  recomputes everything locally. ``cancel_reservation`` gives the blocks back
   when the transfer fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -102,7 +104,8 @@ class RequestOutput:
 
 
 class EngineFailedError(RuntimeError):
-    """The engine's expert-parallel group failed; it takes no more requests."""
+    """The engine failed (its expert-parallel group broke, or its owner declared it dead); it takes no
+    more requests."""
 
 
 class Engine:
@@ -126,7 +129,10 @@ class Engine:
         self.sampler = Sampler()
         self.lockstep = lockstep
         self.observer: EngineObserver = NullObserver()  # metrics; the owner replaces it
-        self.failure: str | None = None  # the group error that stopped this engine
+        self.failure: str | None = None  # why this engine stopped for good (group error, dead engine)
+        # test-only fault hook (workers.fault_plan) run right before each forward pass: raising there
+        # fails the step as a failed forward would
+        self.before_forward: Callable[[], None] | None = None
         self.num_steps = 0  # steps that ran the model here: forward passes, and empty steps in a group
         self._requests: dict[str, Request] = {}  # live children by id
         self._children: dict[str, list[str]] = {}  # parent id -> child ids
@@ -151,7 +157,7 @@ class Engine:
         """Validate and queue a request; raises ``RequestValidationError``/``SamplingParamsError`` naming the field,
         ``EngineFailedError`` after a group failure. ``hold_kv``: the prefill role (module docstring)."""
         if self.failure is not None:
-            raise EngineFailedError(f"this rank's expert-parallel group failed: {self.failure}")
+            raise EngineFailedError(f"this rank's engine failed: {self.failure}")
         prompt = self._validate(request_id, prompt_token_ids, params)
         if hold_kv and params.n != 1:
             raise RequestValidationError("n", "a prefill for disaggregated decoding takes n = 1")
@@ -256,6 +262,12 @@ class Engine:
         outputs.extend(self._finished)
         self._finished = list(outputs)
 
+    def fail(self, reason: str) -> None:
+        """Stop for good: every request ends with ``finish_reason`` ``error`` and ``reason`` (their terminal
+        deltas come from ``drain_finished``), no more admissions. Held and reserved KV stays with its owner."""
+        if self.failure is None:
+            self._fail_group(GroupError(reason), [])
+
     # ---- the step ---------------------------------------------------------------------------------------------
 
     def drain_finished(self) -> list[RequestOutput]:
@@ -280,6 +292,8 @@ class Engine:
         try:
             if not self._group_runs(plan):
                 return outputs
+            if self.before_forward is not None:
+                self.before_forward()
             self.observer.on_step(plan)
             logits = self._forward(plan)
             self.num_steps += 1
@@ -296,6 +310,7 @@ class Engine:
             # fail the requests of this step (each still gets its one terminal delta), keep the rest
             for entry in plan.scheduled:
                 self._terminate(entry.request, RequestStatus.FINISHED_ERROR, outputs)
+                outputs[-1] = dataclasses.replace(outputs[-1], error=f"the engine step failed: {exc}")
             self._finished.extend(outputs)
             raise
         sampling_rows = [e for e in plan.scheduled if e.samples]
@@ -448,7 +463,7 @@ class Engine:
         """Admit a request whose prompt KV is in its reservation and whose first token was sampled
         elsewhere; it continues with token 2. The first token is not emitted again."""
         if self.failure is not None:
-            raise EngineFailedError(f"this rank's expert-parallel group failed: {self.failure}")
+            raise EngineFailedError(f"this rank's engine failed: {self.failure}")
         if request_id not in self._reserved:
             raise RequestValidationError("request_id", f"{request_id!r} has no KV reservation (reserve_kv first)")
         prompt = tuple(int(t) for t in prompt_token_ids)
@@ -477,7 +492,16 @@ class Engine:
         if status is not None:  # the first token already ended it: one terminal delta, no step
             self._terminate(request, status, self._finished)
             return
-        self.scheduler.add(request)
+        # A waiting request holds no blocks (request.py): one that did could starve a preempted request
+        # ahead of it forever, since preemption only takes blocks back from running ones. So it joins the
+        # running batch with its blocks, or, when the batch is full, waits like a preempted request.
+        if self.scheduler.num_running < self.config.scheduler.max_num_seqs:
+            request.status = RequestStatus.RUNNING
+            self.scheduler.running.append(request)
+        else:
+            self.kv.free(request_id)
+            request.num_computed_tokens = 0  # recomputed here when admitted
+            self.scheduler.add(request)
 
     def _final_output(
         self, request: Request, tokens: tuple[int, ...], logprobs: tuple[object, ...] | None

@@ -10,6 +10,17 @@ worker thread so the event loop keeps serving while the model computes.
 Every wait is bounded: an idle loop sleeps on an event with a timeout, and a step that raises
 fails the requests it held (``finish_reason`` ``error``) instead of hanging their streams.
 
+Engine death: after ``max_step_failures`` failed steps in a row (a step that succeeds resets the
+count) the loop declares the engine dead (``Engine.fail``): every request in flight or queued ends
+with ``error`` and "engine dead: ...", new ones are refused (``EngineFailedError``). A group failure
+stops the engine the same way. Either way the loop then awaits ``on_failed(reason)`` once (the
+service turns its health NOT_SERVING there) and keeps serving like an idle engine (aborts, calls:
+the owner still releases held KV through it) until it is stopped and the rank restarted.
+
+Fault hooks (tests only, ``FaultInjector``): the injector's ``before_forward`` becomes the engine's
+hook, and before a step with requests the loop waits at the injector's barrier, applying commands
+(aborts, calls, new requests) while it waits, so a request held there can be aborted.
+
 In an expert-parallel group the loop steps even without requests (each step is a collective its
 peers need; an all-idle step costs one small all-gather, then a short sleep), and ``stop()``
 leaves only when every rank of the group wants to stop. After a group failure the engine has
@@ -20,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
+from k2serve.workers.fault_plan import FaultInjector
 from k2serve.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -50,10 +62,28 @@ class _Call:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.05, group_idle_poll_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        idle_poll_s: float = 0.05,
+        group_idle_poll_s: float = 0.005,
+        max_step_failures: int = 3,
+        on_failed: Callable[[str], Awaitable[None]] | None = None,
+        faults: FaultInjector | None = None,
+    ) -> None:
+        if max_step_failures < 1:
+            raise ValueError(f"max_step_failures: must be >= 1, got {max_step_failures}")
         self.engine = engine
         self._idle_poll_s = idle_poll_s
         self._group_idle_poll_s = group_idle_poll_s
+        self.max_step_failures = max_step_failures
+        self._on_failed = on_failed
+        self._faults = faults if faults is not None and faults.active else None
+        if self._faults is not None and self._faults.fails_forwards:
+            engine.before_forward = self._faults.before_forward
+        self.failed_steps_in_a_row = 0
+        self._failure_reported = False
         self._commands: list[_Add | _Call | str] = []
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._wake = asyncio.Event()
@@ -168,14 +198,41 @@ class EngineLoop:
             if idle and lockstep is None:
                 await self._sleep(self._idle_poll_s)
                 continue
+            if not idle and self._faults is not None and await self._faults.barrier(self._held_at_barrier):
+                if lockstep is None and not engine.has_unfinished_requests():
+                    continue  # everything it held was aborted meanwhile
             try:
                 outputs = await asyncio.to_thread(engine.step)
-            except Exception:  # the step's requests were failed with finish_reason "error"
+                self.failed_steps_in_a_row = 0
+            except Exception as exc:  # the step's requests were failed with finish_reason "error"
                 logger.exception("engine step failed")
                 outputs = engine.drain_finished()
+                self._step_failed(exc)
+                outputs.extend(engine.drain_finished())
             self._deliver(outputs)
+            if engine.failure is not None and not self._failure_reported:
+                await self._report_failure(engine.failure)
             if lockstep is not None and lockstep.last is not None and lockstep.last.all_idle:
                 await self._sleep(self._group_idle_poll_s)
+
+    def _held_at_barrier(self) -> bool:
+        """Between two polls of the fault barrier: apply commands; keep waiting while a step would run."""
+        self._apply_commands()
+        return self.engine.has_unfinished_requests()
+
+    def _step_failed(self, exc: Exception) -> None:
+        self.failed_steps_in_a_row += 1
+        if self.engine.failure is None and self.failed_steps_in_a_row >= self.max_step_failures:
+            self.engine.fail(f"engine dead: {self.failed_steps_in_a_row} steps failed in a row, the last with: {exc}")
+
+    async def _report_failure(self, reason: str) -> None:
+        self._failure_reported = True
+        logger.error("the engine takes no more requests: %s", reason)
+        if self._on_failed is not None:
+            try:
+                await self._on_failed(reason)
+            except Exception:  # the loop must go on serving aborts and calls
+                logger.exception("on_failed raised")
 
     async def _sleep(self, timeout_s: float) -> None:
         """Wait for a command or the timeout, whichever comes first."""

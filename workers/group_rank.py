@@ -49,6 +49,7 @@ class RankSpec:
     ep_rank: int = 0
     rendezvous: str | None = None  # HOST:PORT of the group's store; required when ep_size > 1
     timeout_s: float = DEFAULT_TIMEOUT_S  # every collective
+    join_timeout_s: float | None = None  # forming the group at start (None: see ParallelContext.create)
     redundant_experts: int = 0  # extra physical slots over the group (EPLB replicas)
     placement_file: Path | None = None  # an ExpertPlacement JSON instead of the initial one
     rebalance_window: int = 0  # group steps between EPLB rebalances; 0 = measure only, never move
@@ -93,7 +94,12 @@ class GroupRank:
         else:
             assert spec.rendezvous is not None
             ctx = ParallelContext.create(
-                spec.rendezvous, spec.ep_rank, spec.ep_size, timeout_s=spec.timeout_s, device=spec.device
+                spec.rendezvous,
+                spec.ep_rank,
+                spec.ep_size,
+                timeout_s=spec.timeout_s,
+                join_timeout_s=spec.join_timeout_s,
+                device=spec.device,
             )
         dispatcher: AllToAllDispatcher | None = None
         expert_ids: dict[int, tuple[int, ...]] | None = None

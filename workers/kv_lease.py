@@ -5,8 +5,14 @@ Lifecycle of a lease:
 1. ``grant`` when a prefill finishes: the request's blocks stay pinned (the engine keeps them; this
    table only records them) until ``expires_at`` = now + ``ttl_s``. The lease id goes into the
    ``KvHandle``.
-2. ``get`` while a decode rank pulls: an expired lease is no longer handed out.
-3. It ends one of four ways. ``release`` happens on ``ReleaseKv`` (success or abort) and returns
+2. ``renew`` on each heartbeat of the decode rank that holds the handle (``RenewKv``, every
+   ``ttl_s / 3`` while its ``Decode`` waits for blocks or pulls): ``expires_at`` moves to now +
+   ``ttl_s``. A decode rank that dies or hangs stops beating, so its lease ends at most ``ttl_s``
+   after the last beat (plus the owner's expiry period); a live but slow one keeps it as long as
+   it beats. An unknown, released or expired lease is not renewed (None: the caller answers
+   NOT_FOUND and the decode side fails over as after a failed pull).
+3. ``get`` while a decode rank pulls: an expired lease is no longer handed out.
+4. It ends one of four ways. ``release`` happens on ``ReleaseKv`` (success or abort) and returns
    the lease, or None when it is unknown or already past its time. ``expire`` is called from the
    owner's periodic loop and returns every lease past its time. ``release_request`` is for an
    aborted request. ``expire_all`` is for a stopping rank.
@@ -18,6 +24,7 @@ Thread-safe: the gRPC threads and the service loop share one table.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -35,7 +42,8 @@ class Lease:
     num_tokens: int
     layout: KvLayout
     granted_at: float  # the table's clock
-    expires_at: float
+    expires_at: float  # granted_at + ttl, then last renewal + ttl
+    renewals: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -55,6 +63,7 @@ class KvLeaseTable:
         self._pinned = 0
         self.num_released = 0  # leases ended by release, release_request or expire_all
         self.num_expired = 0  # leases ended by expire
+        self.num_renewed = 0  # successful renewals (heartbeats of decode ranks)
 
     def grant(self, request_id: str, block_ids: Sequence[int], num_tokens: int, layout: KvLayout) -> Lease:
         if num_tokens != layout.num_tokens:
@@ -79,6 +88,19 @@ class KvLeaseTable:
         with self._lock:
             lease = self._leases.get(lease_id)
         return lease if lease is not None and self._clock() < lease.expires_at else None
+
+    def renew(self, lease_id: str) -> Lease | None:
+        """Extend a live lease to now + ``ttl_s`` and return it; None when unknown, released or past its
+        time (an expired lease is never revived: ``expire`` may already be freeing its blocks)."""
+        now = self._clock()
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None or now >= lease.expires_at:
+                return None
+            renewed = dataclasses.replace(lease, expires_at=now + self.ttl_s, renewals=lease.renewals + 1)
+            self._leases[lease_id] = renewed
+            self.num_renewed += 1
+            return renewed
 
     def release(self, lease_id: str) -> Lease | None:
         """End a live lease (the decode side is done with it). None: unknown, released or past its time,
@@ -116,6 +138,11 @@ class KvLeaseTable:
         else:
             self.num_released += 1
         return lease
+
+    def leases(self) -> list[Lease]:
+        """A snapshot of the leases in the table (an expired one counts until ``expire`` takes it)."""
+        with self._lock:
+            return list(self._leases.values())
 
     def __len__(self) -> int:
         with self._lock:

@@ -28,6 +28,10 @@ Checksums (optional): a CRC32 (``zlib.crc32``) of each layer's raw bytes, comput
 what it sends and by the receiver on what it received; a mismatch fails the transfer with
 "checksum mismatch in layer L". Receivers accept an ``on_wire`` hook that sees each layer's rows as
 received, before they are checked and written: the seam tests use to corrupt bytes in flight.
+
+Injected faults (test-only, ``workers.fault_plan``): a sender takes a ``SendFault``: wait before
+sending, fail after the handshake ("injected fault: dropped"), or flip one byte of layer 0 on the
+wire after its checksum was computed (so a receiver with checksums on fails it).
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ from k2serve.workers.kv_pages import (
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "DROPPED",
     "DTYPE_CODES",
     "DTYPE_NAMES",
+    "NO_FAULT",
     "BufferPool",
     "CacheKvSink",
     "CacheKvSource",
@@ -72,11 +78,13 @@ __all__ = [
     "KvSink",
     "KvSource",
     "KvTransfer",
+    "SendFault",
     "TransferError",
     "TransferState",
     "WireTap",
     "crc32",
     "dtype_from_name",
+    "flip_one_byte",
     "raw_bytes",
     "slot_mapping",
 ]
@@ -103,6 +111,44 @@ class TransferError(RuntimeError):
 
 
 WireTap = Callable[[int, torch.Tensor], None]  # (layer, rows as received) -> None; may modify rows in place
+DROPPED = "injected fault: dropped"
+
+
+@dataclass(frozen=True)
+class SendFault:
+    """The injected faults of one sender (all off by default; ``FaultInjector.next_kv_send``)."""
+
+    delay_s: float = 0.0  # wait this long (cancellable, within the deadline) before sending
+    drop: bool = False  # fail the transfer after the handshake, mid-data
+    corrupt: bool = False  # flip one byte of layer 0 after its checksum, before it goes on the wire
+
+    def wait(self, transfer: KvTransfer) -> None:
+        """The delay, on the transfer's thread: bounded by its deadline, ended early by ``cancel()``."""
+        if self.delay_s > 0:
+            left = transfer._remaining("waiting out an injected send delay")
+            if transfer._cancelled.wait(min(self.delay_s, left)):
+                raise TransferError(transfer.error or "cancelled")
+
+    def maybe_drop(self, layer: int, layout: KvLayout) -> None:
+        """Fail mid-data: before the middle layer (the only one of a one-layer layout)."""
+        if self.drop and layer == layout.num_layers // 2:
+            raise TransferError(DROPPED)
+
+    def tamper(self, layer: int, rows: torch.Tensor) -> None:
+        """Flip the high byte of the first value of layer 0 (in place: ``rows`` is the sender's copy)."""
+        if self.corrupt and layer == 0:
+            flip_one_byte(rows)
+
+
+NO_FAULT = SendFault()
+
+
+def flip_one_byte(rows: torch.Tensor) -> None:
+    """XOR the last byte of the first element of a contiguous tensor (the sign/exponent byte of a
+    little-endian float): a change no model output survives unnoticed."""
+    flat = rows.reshape(-1).view(torch.uint8)  # a view: rows is contiguous
+    last = rows.element_size() - 1
+    flat[last : last + 1].bitwise_xor_(0xFF)
 
 
 class KvTransfer:
@@ -315,19 +361,30 @@ def _get(transfer: KvTransfer, q: queue.Queue[_T], gone: threading.Event, what: 
 
 
 class _InProcessSender(KvSender):
-    def __init__(self, transfer_id: str, source: KvSource, channel: _Channel, checksum: bool, timeout_s: float) -> None:
+    def __init__(
+        self,
+        transfer_id: str,
+        source: KvSource,
+        channel: _Channel,
+        checksum: bool,
+        timeout_s: float,
+        fault: SendFault = NO_FAULT,
+    ) -> None:
         super().__init__("sender", transfer_id, source.layout, timeout_s)
-        self._source, self._channel, self._checksum = source, channel, checksum
+        self._source, self._channel, self._checksum, self._fault = source, channel, checksum, fault
 
     def _run(self) -> None:
         ch = self._channel
         try:
+            self._fault.wait(self)
             ch.hello.put((self.layout, self._checksum))
             self._begin_transferring()
             for i in range(self.layout.num_layers):
+                self._fault.maybe_drop(i, self.layout)
                 with self._data():
                     rows = self._source.layer(i)  # [N, D]: the one copy of this layer
                 crc = crc32(rows) if self._checksum else None
+                self._fault.tamper(i, rows)
                 _put(self, ch.layers, (i, rows, crc), ch.gone, f"handing layer {i} to the receiver")
                 self._add_bytes(self.layout.layer_nbytes)
             verdict = _get(self, ch.verdict, ch.gone, "waiting for the receiver's acknowledgement")
@@ -406,10 +463,16 @@ class InProcessTransport:
                 del self._waiting[transfer_id]
 
     def start_send(
-        self, transfer_id: str, source: KvSource, *, checksum: bool = False, timeout_s: float | None = None
+        self,
+        transfer_id: str,
+        source: KvSource,
+        *,
+        checksum: bool = False,
+        timeout_s: float | None = None,
+        fault: SendFault = NO_FAULT,
     ) -> KvSender:
         channel = self._join(transfer_id)
-        sender = _InProcessSender(transfer_id, source, channel, checksum, timeout_s or self.timeout_s)
+        sender = _InProcessSender(transfer_id, source, channel, checksum, timeout_s or self.timeout_s, fault)
         sender.add_done_callback(lambda _: self._forget(transfer_id, channel))
         sender.start()
         return sender

@@ -27,9 +27,11 @@ import torch
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_transfer import (
     DEFAULT_TIMEOUT_S,
+    NO_FAULT,
     KvReceiver,
     KvSink,
     KvSource,
+    SendFault,
     TransferError,
     WireTap,
     raw_bytes,
@@ -48,20 +50,31 @@ def _require_little_endian() -> None:
 
 
 def kv_chunks(
-    source: KvSource, *, checksum: bool = False, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    source: KvSource,
+    *,
+    checksum: bool = False,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    fault: SendFault = NO_FAULT,
 ) -> Iterator[worker_pb2.KvChunk]:
-    """The chunks of ``source``, layer by layer; a layer is gathered once, then cut into chunks."""
+    """The chunks of ``source``, layer by layer; a layer is gathered once, then cut into chunks.
+    ``fault`` (tests only): ``drop`` raises ``TransferError`` before the middle layer, ``corrupt`` flips a
+    byte of layer 0's first chunk after its CRC; its delay is the caller's to wait (it owns the event loop)."""
     _require_little_endian()
     layout = source.layout
     rows_per_chunk = max(1, max_chunk_bytes // layout.row_nbytes)
     for layer in range(layout.num_layers):
+        fault.maybe_drop(layer, layout)
         rows = source.layer(layer).cpu()  # [N, D] contiguous (no copy on a CPU cache)
         for first in range(0, layout.num_tokens, rows_per_chunk):
             n = min(rows_per_chunk, layout.num_tokens - first)
-            data = bytes(raw_bytes(rows[first : first + n]))  # [n, D] -> n × row_nbytes bytes
-            yield worker_pb2.KvChunk(
-                layer=layer, first_token=first, rows=n, data=data, crc32=zlib.crc32(data) if checksum else 0
-            )
+            piece = rows[first : first + n]  # [n, D]
+            data = bytes(raw_bytes(piece))  # n × row_nbytes bytes
+            crc = zlib.crc32(data) if checksum else 0
+            if fault.corrupt and first == 0:
+                piece = piece.clone()
+                fault.tamper(layer, piece)  # after the CRC: what a bad link would do
+                data = bytes(raw_bytes(piece))
+            yield worker_pb2.KvChunk(layer=layer, first_token=first, rows=n, data=data, crc32=crc)
 
 
 class GrpcKvReceiver(KvReceiver):

@@ -31,6 +31,10 @@ each has ``timeout_s`` to meet the other:
    keeps the group. Every tag is distinct per transfer and layer
    (``(seq mod 2^20) × (num_layers + 3) + k``).
 
+Injected faults (``SendFault``, tests only): the sender waits out its delay before it looks for the
+offer, drops the transfer (and the group) before the middle layer, or flips a byte of layer 0 after
+its checksum.
+
 Transfers between one pair run one after the other, in the order the receiver took them. Store
 connections are few and long-lived: the sender polls offers on the server's own store handle, and
 each pair holds one connection for its group's rendezvous and, on the receiver side, its offers.
@@ -61,6 +65,7 @@ from k2serve.workers.kv_pair_group import (
 from k2serve.workers.kv_transfer import (
     DEFAULT_TIMEOUT_S,
     DTYPE_CODES,
+    NO_FAULT,
     BufferPool,
     KvLayout,
     KvReceiver,
@@ -68,6 +73,7 @@ from k2serve.workers.kv_transfer import (
     KvSink,
     KvSource,
     KvTransfer,
+    SendFault,
     TransferError,
     WireTap,
     crc32,
@@ -80,6 +86,7 @@ ACK_OK, ACK_CHECKSUM, ACK_FAILED = 0, 1, 2
 # time is likely, every 2 ms after that. (The decode rank publishes its offer before it asks for the
 # send, so a real sender normally finds it at once.)
 _POLL_FAST_S, _POLL_FAST_FOR_S, _POLL_SLOW_S = 0.0002, 0.05, 0.002
+_ANSWER_SLICE_S = 0.05  # the receiver's wait for the sender's answer checks cancel() this often
 _NCCL_POLL_S = 0.0001
 _SENDS_IN_FLIGHT = 2  # layers gathered and posted ahead of the oldest unfinished send
 
@@ -149,10 +156,20 @@ class _P2pTransfer(KvTransfer):
                 raise TransferError(self.error or "cancelled")
 
     def _await_answer(self, store: dist.Store, key: str, what: str) -> bytes:
-        """Block on ``key`` (the receiver's pair connection is its own while it holds the pair lock)."""
-        left = self._remaining(what)
+        """Wait on ``key`` (the receiver's pair connection is its own while it holds the pair lock) in
+        short slices, so that ``cancel()`` releases the pair lock at once: a cancelled receiver blocked
+        here for its whole timeout would stall the pair's next transfer that long."""
         try:
-            store.wait([key], datetime.timedelta(seconds=left))
+            while True:
+                left = self._remaining(what)
+                try:
+                    store.wait([key], datetime.timedelta(seconds=min(_ANSWER_SLICE_S, left)))
+                    break
+                except RuntimeError as exc:
+                    if "timeout" not in str(exc).lower() or time.monotonic() >= self._deadline():
+                        raise
+                if self._cancelled.is_set():
+                    raise TransferError(self.error or "cancelled")
             value = store.get(key)
             store.delete_key(key)
             return value
@@ -208,9 +225,17 @@ class _P2pTransfer(KvTransfer):
             raise TransferError(f"cannot connect pair group {group.prefix}: {_first_line(exc)}") from exc
 
     def _on_cancel(self) -> None:
-        group = self._group
-        if group is not None:
-            group.abandon(f"transfer {self.transfer_id} cancelled")
+        # only a group this transfer still uses: once it let go of the pair (``_let_go``) the group may
+        # carry the pair's next transfer, which a late cancel (after a checksum verdict, say) must not break
+        with self._lock:
+            group = self._group
+            if group is not None:
+                group.abandon(f"transfer {self.transfer_id} cancelled")
+
+    def _let_go(self) -> None:
+        """Before releasing the pair lock: from now on ``cancel()`` leaves the group alone."""
+        with self._lock:
+            self._group = None
 
     def _small(self, values: list[int], device: torch.device) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
@@ -225,11 +250,14 @@ class P2pKvSender(_P2pTransfer, KvSender):
         source: KvSource,
         checksum: bool,
         timeout_s: float,
+        fault: SendFault = NO_FAULT,
     ) -> None:
         super().__init__("sender", transfer_id, source.layout, timeout_s)
         self._server, self._receiver_id, self._source, self._checksum = server, receiver_id, source, checksum
+        self._fault = fault
 
     def _run(self) -> None:
+        self._fault.wait(self)
         server, rid = self._server, self._receiver_id
         keys = f"kv/x/{self.transfer_id}"
         kind = backend_kind(self._source.device)
@@ -269,6 +297,7 @@ class P2pKvSender(_P2pTransfer, KvSender):
                 slot.drop(group, str(exc))
                 raise
         finally:
+            self._let_go()
             slot.lock.release()
 
     def _check_offer(self, offer: dict[str, Any]) -> str | None:
@@ -294,11 +323,13 @@ class P2pKvSender(_P2pTransfer, KvSender):
         crcs: list[int] = []
         pool = self._server.buffers
         for i in range(layout.num_layers):
+            self._fault.maybe_drop(i, layout)  # the group is dropped with it: the receiver fails at once
             buffer = pool.take(layout.num_tokens, layout.row_dim, layout.dtype, device)  # [>= N, D]
             with self._data():
                 rows = self._source.layer(i, out=buffer[: layout.num_tokens])  # [N, D], while layer i-1 is sent
             if self._checksum:
                 crcs.append(crc32(rows))
+            self._fault.tamper(i, rows)  # after its checksum: what a bad link would do
             work = self._post(f"sending layer {i}", _send_to(1, rows, tags.layer(i)))
             in_flight.append((work, f"sending layer {i}", layout.layer_nbytes, buffer))
             while len(in_flight) > _SENDS_IN_FLIGHT:
@@ -382,6 +413,7 @@ class P2pKvReceiver(_P2pTransfer, KvReceiver):
                 slot.drop(group, str(exc))
                 raise
         finally:
+            self._let_go()
             slot.lock.release()
 
     def _receive(self, seq: int) -> None:
@@ -474,9 +506,11 @@ class P2pKvServer:
         checksum: bool = False,
         *,
         timeout_s: float | None = None,
+        fault: SendFault = NO_FAULT,
     ) -> KvSender:
-        """Send ``source`` to ``receiver_id`` once it calls ``start_receive`` with the same ``transfer_id``."""
-        sender = P2pKvSender(self, transfer_id, receiver_id, source, checksum, timeout_s or self.timeout_s)
+        """Send ``source`` to ``receiver_id`` once it calls ``start_receive`` with the same ``transfer_id``
+        (``fault``: injected faults, tests only)."""
+        sender = P2pKvSender(self, transfer_id, receiver_id, source, checksum, timeout_s or self.timeout_s, fault)
         sender.start()
         return sender
 

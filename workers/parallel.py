@@ -115,11 +115,17 @@ class ParallelContext:
         size: int,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        join_timeout_s: float | None = None,
         device: torch.device | str = "cpu",
         interface_host: str | None = None,
         prefix: str = "ep",
     ) -> ParallelContext:
         """Join the group at ``rendezvous`` (a running store, see ``host_store``).
+
+        ``join_timeout_s`` bounds forming the group (the store and the backend's handshake; default
+        ``timeout_s``): the cluster gives it its start timeout, since the ranks of one group may start
+        far apart on a loaded node, while ``timeout_s`` bounds every collective after that (``_wait``),
+        so a short collective timeout for fast failure detection does not make group starts fail.
 
         ``interface_host``: the address gloo binds its own connections to (default: the rendezvous
         host, so a loopback rendezvous keeps every internal connection on loopback).
@@ -133,7 +139,7 @@ class ParallelContext:
         if size == 1:
             return cls.single(dev)
         where = Rendezvous.parse(rendezvous) if isinstance(rendezvous, str) else rendezvous
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=join_timeout_s or timeout_s)
         try:
             store = dist.TCPStore(where.host, where.port, is_master=False, timeout=timeout)
         except (RuntimeError, TimeoutError) as exc:

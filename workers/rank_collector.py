@@ -2,7 +2,7 @@
 
 Lifecycle: registered once on the rank's registry by ``WorkerMetrics.attach``; every scrape reads the
 scheduler's queues, the block pool's usage and prefix-cache counters, the preemption count, whether
-the group failed, and (prefill and mixed ranks) the lease table. Reads are of plain ints and floats
+the engine failed, and (prefill and mixed ranks) the lease table. Reads are of plain ints and floats
 the engine thread updates; a scrape may see a step half applied, never a torn value.
 """
 
@@ -43,7 +43,7 @@ class RankCollector(Collector):
         yield counter("k2serve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)  # fmt: skip
         yield counter("k2serve_prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("k2serve_num_preemptions", "Requests preempted.", engine.scheduler.num_preemptions)
-        yield gauge("k2serve_engine_failed", "1 once this rank's expert-parallel group failed.", float(engine.failure is not None))  # fmt: skip
+        yield gauge("k2serve_engine_failed", "1 once this rank's engine failed (its expert-parallel group broke, or too many steps failed in a row).", float(engine.failure is not None))  # fmt: skip
         info = GaugeMetricFamily(
             "k2serve_cache_config_info", "The KV cache of this rank.", labels=["model_name", "block_size", "num_blocks"]
         )

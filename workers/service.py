@@ -4,27 +4,40 @@ Lifecycle: ``await WorkerServer.start(rank, options)`` starts the rank's engine 
 transfer side of its role and a ``grpc.aio`` server on ``options.host`` (never every interface by
 default) with the ``Worker`` service, ``grpc.health.v1.Health`` (SERVING once up) and reflection;
 ``drain(grace_s)`` turns health NOT_SERVING, refuses new requests with UNAVAILABLE and waits for
-in-flight ones; ``stop()`` drains, stops the server, the loop and the transfer endpoints.
+in-flight ones; ``stop()`` drains, stops the server, the loop and the transfer endpoints. An engine
+that fails for good (its group broke, or ``max_step_failures`` steps in a row failed: "engine dead")
+turns health NOT_SERVING too and reports ``engine_failed`` (and why) in ``GetLoad``; the controller
+restarts it.
+Test-only fault hooks (``options.faults``, ``K2SERVE_FAULTS``) go to the engine loop and the KV
+senders through the rank's ``FaultInjector``.
 
 Roles (``options.role``):
 - ``mixed`` (colocated): ``Generate``;
 - ``prefill``: ``Prefill`` computes the prompt and the first token with ``hold_kv``, grants a lease
   on the pinned blocks (``KvLeaseTable``) and returns a ``KvHandle``; ``StartKvSend`` (p2p) or
-  ``PullKv`` (gRPC stream) move the rows; ``ReleaseKv``, ``Abort`` of the request or lease expiry
-  (checked every second) unpin them, after stopping a sender that may still read them (unless the
-  receiver reported success). A prefill whose group fails under it ends with UNAVAILABLE and the
-  group's error; whatever a ``Prefill`` holds before its lease exists (its caller gone, a failure)
-  is released by that call;
-- ``decode``: ``Decode`` reserves blocks, pulls the KV named by the handle (p2p by default, the
-  gRPC stream when the handle says so), always releases the lease on the prefill rank, then streams
-  the tokens after the first. A failed pull ends the RPC with UNAVAILABLE; a failed pull or admission,
-  or a caller that leaves, cancels the receiver (it never writes again) and frees the reservation.
+  ``PullKv`` (gRPC stream) move the rows; ``RenewKv`` (the decode rank's heartbeat, every third of
+  ``lease_ttl_s`` while it waits or pulls) extends the lease; ``ReleaseKv``, ``Abort`` of the request
+  or lease expiry (checked every ``min(1 s, ttl / 4)``: a dead or hung decode rank's lease ends
+  within ttl + that period of its last beat) unpin them, after stopping a sender that may still read
+  them (unless the receiver reported success). A prefill whose group fails under it ends with
+  UNAVAILABLE and the group's error; whatever a ``Prefill`` holds before its lease exists (its caller
+  gone, a failure) is released by that call;
+- ``decode``: ``Decode`` is ``DecodeHandoff``'s (decode_handoff.py): it waits, bounded and first come
+  first served, for the prompt's KV blocks, renews the lease meanwhile, pulls the KV named by the
+  handle, always releases the lease once a pull was tried, then streams the tokens after the first.
+  ``Abort`` of a waiting request ends its wait.
 Every rank answers ``Abort`` and ``GetLoad``, and keeps its Prometheus series in ``metrics``
 (``WorkerMetrics``; served over HTTP on ``options.host`` when ``options.metrics_port`` is set).
 
-Status codes: INVALID_ARGUMENT (bad field, named), FAILED_PRECONDITION (wrong role),
-RESOURCE_EXHAUSTED (no blocks for the transfer), NOT_FOUND (unknown lease), UNAVAILABLE (draining,
-group failed, transfer failed).
+Status codes: INVALID_ARGUMENT (bad field, named); FAILED_PRECONDITION (wrong role);
+RESOURCE_EXHAUSTED (``Decode`` only: a request that needs more KV blocks than the rank's whole pool,
+at once, naming both numbers; or "no KV blocks within N s" after waiting ``handoff_wait_s`` or the
+call's deadline; either way the lease is left to the caller, who may decode elsewhere with the same
+handle or ``Abort`` it on the prefill rank); NOT_FOUND (unknown, released or expired lease:
+``StartKvSend``, ``PullKv``, ``RenewKv``); UNAVAILABLE (draining, engine or group failed; on
+``Decode``, a message with "prefill rank" or "KV transfer": the KV could not be had, because the pull
+failed or the lease was lost, and the router prefills again); CANCELLED (``Decode`` aborted while it
+waited).
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import grpc
@@ -43,19 +56,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.workers.decode_handoff import DecodeHandoff, HandoffError
 from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
 from k2serve.workers.engine_loop import EngineLoop
+from k2serve.workers.fault_plan import FaultInjector, FaultPlan
 from k2serve.workers.group_rank import GroupRank
 from k2serve.workers.kv_lease import KvLeaseTable, Lease
 from k2serve.workers.kv_transfer import (
-    CacheKvSink,
     CacheKvSource,
     KvLayout,
-    KvReceiver,
     KvTransfer,
+    TransferError,
     TransferState,
 )
-from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
+from k2serve.workers.kv_transport_grpc import kv_chunks
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
 from k2serve.workers.metrics_endpoint import MetricsEndpoint
 from k2serve.workers.sampling_params import SamplingParams
@@ -84,14 +98,19 @@ class WorkerOptions:
     transport: Transport = "p2p"
     lease_ttl_s: float = 30.0
     transfer_timeout_s: float = 30.0
+    handoff_wait_s: float = 30.0  # longest a Decode waits for free KV blocks (or its deadline, if sooner)
     checksum: bool = False
     stop_token_ids: tuple[int, ...] = ()
     model_name: str = ""  # the model_name label of its metrics
     metrics_port: int | None = None  # serve /metrics over HTTP on host (0 = any free port); None = no endpoint
+    max_step_failures: int = 3  # failed engine steps in a row after which the engine is dead (NOT_SERVING)
+    faults: FaultPlan = field(default_factory=FaultPlan)  # test-only fault hooks (K2SERVE_FAULTS via the actor)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "mixed"):
             raise ValueError(f"role: expected prefill, decode or mixed, got {self.role!r}")
+        if self.max_step_failures < 1:
+            raise ValueError(f"max_step_failures: must be >= 1, got {self.max_step_failures}")
         if self.transport not in ("p2p", "grpc"):
             raise ValueError(f"transport: expected p2p or grpc, got {self.transport!r}")
 
@@ -107,7 +126,7 @@ async def _status_codes(context: grpc.aio.ServicerContext) -> AsyncIterator[None
     """Typed failures inside an RPC -> its gRPC status (``context.abort`` raises and ends the RPC)."""
     try:
         yield
-    except _RpcError as exc:
+    except (_RpcError, HandoffError) as exc:
         await context.abort(exc.code, str(exc))
     except ValueError as exc:  # SamplingParamsError, RequestValidationError: the message names the field
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -120,7 +139,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self.rank = rank
         self.options = options
         self.engine: Engine = rank.engine
-        self.loop = EngineLoop(rank.engine)
+        self.faults = FaultInjector(options.faults, options.role)
+        self.loop = EngineLoop(
+            rank.engine, max_step_failures=options.max_step_failures, on_failed=self._engine_failed, faults=self.faults
+        )
         self.leases = KvLeaseTable(options.lease_ttl_s)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -134,6 +156,16 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self.metrics = WorkerMetrics(options.model_name, rank.engine.config.max_model_len)
         leases = self.leases if options.role != "decode" else None
         self.metrics.attach(rank.engine, leases, rank.dispatcher, rank.balancer)
+        self.handoff = DecodeHandoff(
+            options.worker_id,
+            rank.engine,
+            self.loop,
+            self.metrics.kv,
+            lambda: self._p2p_client,
+            transfer_timeout_s=options.transfer_timeout_s,
+            wait_s=options.handoff_wait_s,
+            channel_options=_CHANNEL_OPTIONS,
+        )
         self.metrics_endpoint: MetricsEndpoint | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -161,6 +193,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases(), name="lease-expiry")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.faults.active:
+            logger.warning("worker %s: FAULT INJECTION ON: %s", options.worker_id, self.faults.describe())
         logger.info("worker %s (%s) serving on %s", options.worker_id, options.role, self.address)
         return self
 
@@ -169,8 +203,16 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (self.engine.has_unfinished_requests() or len(self.leases)):
+        while time.monotonic() < deadline and (
+            self.engine.has_unfinished_requests() or len(self.leases) or len(self.handoff.queue)
+        ):
             await asyncio.sleep(0.02)
+
+    async def _engine_failed(self, reason: str) -> None:
+        """The engine loop's ``on_failed``: a dead engine (or a broken group) is unhealthy until restarted."""
+        logger.error("worker %s: NOT_SERVING, the engine failed: %s", self.options.worker_id, reason)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     @property
     def metrics_address(self) -> str:
@@ -219,6 +261,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             kv_bytes_received=self.metrics.kv.received_bytes,
             kv_transfers_ok=self.metrics.kv.ok,
             kv_transfers_failed=self.metrics.kv.failed,
+            handoffs_waiting=len(self.handoff.queue),
+            handoff_waits=self.metrics.kv.handoff_waits,
+            engine_failed=engine.failure is not None,
+            failure=engine.failure or "",
         )
 
     # ---- RPCs ---------------------------------------------------------------------------------------------
@@ -236,8 +282,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                 priority=request.priority,
                 cache_salt=request.cache_salt or None,
             )
-            async for output in stream:
-                yield delta_to_proto(output)
+            try:
+                async for output in stream:
+                    yield delta_to_proto(output)
+            finally:
+                self.handoff.notify()  # its blocks are free: a waiting Decode may take them (mixed ranks)
 
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -300,6 +349,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
                     row_dim=layout.row_dim,
                     dtype=self._layout_dtype,
                     lease_expires_unix_ms=int((time.time() + self.options.lease_ttl_s) * 1000),
+                    lease_ttl_s=self.options.lease_ttl_s,
                     checksum=self.options.checksum,
                 )
             )
@@ -327,84 +377,12 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TokenDelta]:
-        rid, handle = request.request_id, request.kv
-        reserved = False  # this call holds a reservation the engine has not taken over
-        try:
-            async with _status_codes(context):
-                self._admit(context, "decode")
-                params = self._params(request.sampling)
-                self._check_handle(request)
-                blocks = await self.loop.call(lambda e: e.reserve_kv(rid, handle.num_tokens))
-                if blocks is None:
-                    raise _RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no KV blocks for {handle.num_tokens} tokens")
-                reserved = True
-                await self._pull(handle, blocks)
-                stream = await self.loop.generate_prefilled(
-                    rid,
-                    list(request.prompt_token_ids),
-                    params,
-                    request.first_token_id,
-                    sampler_state=request.sampler_state,
-                    priority=request.priority,
-                    cache_salt=request.cache_salt or None,
-                )
-                async for output in stream:
-                    reserved = False  # admitted: the engine owns the blocks (cancel_reservation is a no-op)
-                    yield delta_to_proto(output)
-        finally:
-            if reserved:  # a failed pull or admission, or the caller left: give the blocks back
-                await asyncio.shield(self._cancel_reservation(rid))
-
-    async def _pull(self, handle: worker_pb2.KvHandle, blocks: list[int]) -> None:
-        """Move the handle's rows into ``blocks``; always tells the prefill rank to release the lease.
-        Any exit without success (a failed or timed-out transfer, the caller gone) cancels the receiver
-        first: once ``cancel`` returns it never writes again, so the caller may free ``blocks``."""
-        sink = CacheKvSink(self.engine.kv_cache, blocks, handle.num_tokens)
-        success = False
-        receiver: KvReceiver | None = None
-        try:
-            async with grpc.aio.insecure_channel(handle.prefill_address, options=_CHANNEL_OPTIONS) as channel:
-                stub = worker_pb2_grpc.WorkerStub(channel)
-                try:
-                    receiver = await self._start_receiver(stub, handle, sink)
-                    deadline = time.monotonic() + self.options.transfer_timeout_s
-                    while (state := receiver.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
-                        if time.monotonic() > deadline:
-                            raise _RpcError(grpc.StatusCode.UNAVAILABLE, "KV transfer timed out")
-                        await asyncio.sleep(0.002)
-                    if state is TransferState.FAILED:
-                        raise _RpcError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {receiver.error}")
-                    success = True
-                finally:
-                    if not success and receiver is not None:
-                        receiver.cancel("the decode rank gave up the transfer")
-                    moved, seconds = (receiver.bytes_moved, receiver.seconds) if receiver is not None else (0, 0.0)
-                    self.metrics.kv.finished("receive", handle.transport or "p2p", moved, seconds, success)
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        await stub.ReleaseKv(
-                            worker_pb2.ReleaseKvRequest(lease_id=handle.lease_id, success=success), timeout=5.0
-                        )
-        except grpc.aio.AioRpcError as exc:
-            raise _RpcError(
-                grpc.StatusCode.UNAVAILABLE, f"prefill rank {handle.prefill_worker_id}: {exc.details()}"
-            ) from exc
-
-    async def _start_receiver(
-        self, stub: worker_pb2_grpc.WorkerStub, handle: worker_pb2.KvHandle, sink: CacheKvSink
-    ) -> KvReceiver:
-        if handle.transport == "grpc":
-            return GrpcKvReceiver(
-                handle.prefill_address, handle.lease_id, sink, self.options.transfer_timeout_s, handle.checksum
-            )
-        if self._p2p_client is None:
-            raise _RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this rank has no p2p KV client")
-        # the sender first: a prefill rank that is gone or refuses (lease expired) costs no receive thread
-        await stub.StartKvSend(
-            worker_pb2.StartKvSendRequest(lease_id=handle.lease_id, receiver_id=self.options.worker_id), timeout=10.0
-        )
-        return self._p2p_client.start_receive(
-            handle.lease_id, handle.prefill_worker_id, handle.transfer_rendezvous, sink, handle.checksum
-        )
+        async with _status_codes(context):
+            self._admit(context, "decode")
+            params = self._params(request.sampling)
+            self._check_handle(request)
+            async for output in self.handoff.decode(request, params, context.time_remaining()):
+                yield delta_to_proto(output)
 
     async def StartKvSend(
         self, request: worker_pb2.StartKvSendRequest, context: grpc.aio.ServicerContext
@@ -420,7 +398,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         if earlier is not None:  # a retry from another decode rank: one sender per lease reads the blocks
             earlier.cancel("replaced by a new send of the same lease")
         sender = self._p2p_server.start_send(
-            request.lease_id, request.receiver_id, source, checksum=self.options.checksum
+            request.lease_id,
+            request.receiver_id,
+            source,
+            checksum=self.options.checksum,
+            fault=self.faults.next_kv_send(),
         )
         self._senders[request.lease_id] = sender
         sender.add_done_callback(self._count_sent)
@@ -435,13 +417,17 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         assert lease is not None
         source = CacheKvSource(self.engine.kv_cache, lease.block_ids, lease.num_tokens)
         started, moved, ok = time.monotonic(), 0, False
+        fault = self.faults.next_kv_send()
         try:
-            for chunk in kv_chunks(source, checksum=self.options.checksum):
+            await asyncio.sleep(fault.delay_s)
+            for chunk in kv_chunks(source, checksum=self.options.checksum, fault=fault):
                 if self.leases.get(request.lease_id) is None:  # released or expired: the blocks may be reused
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
                 moved += len(chunk.data)
                 yield chunk
             ok = True
+        except TransferError as exc:  # an injected drop
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             self.metrics.kv.finished("send", "grpc", moved, time.monotonic() - started, ok)
 
@@ -455,11 +441,28 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         await self._end_lease(lease, None if request.success else "the receiver released the lease")
         return worker_pb2.ReleaseKvResponse(released=True)
 
+    async def RenewKv(
+        self, request: worker_pb2.RenewKvRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.RenewKvResponse:
+        lease = self.leases.renew(request.lease_id)
+        if lease is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} is unknown or expired")
+        self.metrics.kv.lease_renewed()
+        ttl = self.leases.ttl_s
+        return worker_pb2.RenewKvResponse(ttl_s=ttl, lease_expires_unix_ms=int((time.time() + ttl) * 1000))
+
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortResponse:
         rid = request.request_id
-        found = await self.loop.call(lambda e: e.abort(rid))
+        found = self.handoff.abort(rid)  # a Decode still waiting for blocks
+        answered = False
+        try:
+            found = await self.loop.call(lambda e: e.abort(rid)) or found
+            answered = True
+        finally:
+            if not answered:  # the caller's deadline cut the call short: the abort itself must not be lost
+                self.loop.abort(rid)
         for lease in self.leases.release_request(rid):  # a prefilled request nobody will pull
             await self._end_lease(lease, "the request was aborted")
             found = True
@@ -509,8 +512,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             )
 
     async def _expire_leases(self) -> None:
+        period = min(1.0, self.leases.ttl_s / 4)  # a stranded lease ends within ttl + period of its last renewal
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period)
             for lease in self.leases.expire():
                 logger.warning("lease %s of %s expired unclaimed", lease.lease_id, lease.request_id)
                 await self._end_lease(lease, "the lease expired")
@@ -522,19 +526,14 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def _release_kv(self, request_id: str) -> None:
         await self.loop.call(lambda e: e.release_kv(request_id))
 
-    async def _cancel_reservation(self, request_id: str) -> None:
-        try:
-            await self.loop.call(lambda e: e.cancel_reservation(request_id))
-        except (RuntimeError, TimeoutError) as exc:
-            logger.warning("%s: could not free the reservation of %s: %s", self.options.worker_id, request_id, exc)
-
     async def _end_lease(self, lease: Lease, cancel_reason: str | None) -> None:
         """Unpin a lease's blocks; with ``cancel_reason``, first stop a sender that may still read them
         (``cancel`` returns once it no longer touches its source)."""
         sender = self._senders.pop(lease.lease_id, None)
         if sender is not None and cancel_reason is not None:
             sender.cancel(cancel_reason)
-        await self._release_kv(lease.request_id)
+        # the lease is gone from the table already: the unpin must happen even if this caller is cancelled
+        await asyncio.shield(self._release_kv(lease.request_id))
 
     async def _release_held(self, request_id: str) -> None:
         """``_release_kv`` on a path that is already failing: a stopped loop must not hide the first error."""
