@@ -7,7 +7,8 @@ to OpenAI's shape) -> ``check_model`` (404) -> ``chat_generation`` (template, to
 ``frontend.start`` (admission: 429 is answered as 529 ``overloaded_error``; the first token) ->
 - non-streaming: collect the events under ``until_done_or_gone`` (a client that leaves cancels
   the work) into ``MessageEvents.message()``; a failure after the start is an error response;
-- streaming: ``frontend.start`` is awaited before the ``StreamingResponse`` is returned, so every
+- streaming: ``frontend.start`` is awaited (under ``until_done_or_gone``) before the
+  ``StreamingResponse`` is returned, so every
   failure before the first token still has a real status; the body is ``MessageEvents``' SSE
   events, and the generator closes the stream in ``finally`` (disconnect -> workers abort). The
   response closes it too once it is done (``_ClosingStreamingResponse``): a client that leaves
@@ -28,18 +29,33 @@ from starlette.types import Receive, Scope, Send
 
 from k2serve.router.anthropic_events import MessageEvents, sse
 from k2serve.router.anthropic_request import MessagesRequest, parse_count_request, parse_messages_request
+from k2serve.router.anthropic_schemas import (
+    COUNT_ANSWER,
+    COUNT_REQUEST,
+    ERROR,
+    MESSAGE_ANSWER,
+    MESSAGES_REQUEST,
+    STREAM_EVENT,
+)
 from k2serve.router.chat_request import chat_generation, resolve_tool_choice
 from k2serve.router.frontend import Frontend, GenerationStream
 from k2serve.router.generation_request import GenerationRequest
 from k2serve.router.http_request import read_json_object, routing_for, until_done_or_gone
+from k2serve.router.openai_schemas import json_body, responses
 
 SSE_HEADERS = MappingProxyType({"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 def anthropic_routes(frontend: Frontend) -> APIRouter:
     router = APIRouter()
+    served = (frontend.model.name, frontend.tokenizer.vocab_size)  # what the OpenAPI document describes
 
-    @router.post("/v1/messages", response_model=None)
+    @router.post(
+        "/v1/messages",
+        response_model=None,
+        openapi_extra=json_body(MESSAGES_REQUEST, *served),
+        responses=responses(MESSAGE_ANSWER, ERROR, stream_event=STREAM_EVENT),
+    )
     async def messages(request: Request) -> Response:
         parsed = parse_messages_request(await read_json_object(request), frontend.limits)
         frontend.check_model(parsed.model)
@@ -53,14 +69,18 @@ def anthropic_routes(frontend: Frontend) -> APIRouter:
         )
         headers = {"request-id": message_id}
         if parsed.stream:
-            stream = await frontend.start(generation)
+            stream = await until_done_or_gone(request, frontend.start(generation), lambda s: s.aclose())
             return _ClosingStreamingResponse(
                 stream, _sse_body(stream, events), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
             )
         body = await until_done_or_gone(request, _collect(frontend, generation, events))
         return JSONResponse(body, headers=headers)
 
-    @router.post("/v1/messages/count_tokens")
+    @router.post(
+        "/v1/messages/count_tokens",
+        openapi_extra=json_body(COUNT_REQUEST, *served),
+        responses=responses(COUNT_ANSWER, ERROR),
+    )
     async def count_tokens(request: Request) -> dict[str, int]:
         model, conversation = parse_count_request(await read_json_object(request))
         frontend.check_model(model)

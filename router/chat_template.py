@@ -135,7 +135,7 @@ def _normalize_message(i: int, message: Any) -> dict[str, Any]:
     role = message.get("role")
     if role is None:
         raise ChatInputError(f"{where}.role", "is required", i)
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # (a list or an object is unhashable: no `in`)
         raise ChatInputError(f"{where}.role", f"must be one of {sorted(ROLES)}, got {role!r}", i)
     out = dict(message)
     _check_optional_str(out, "name", where, i)
@@ -169,7 +169,7 @@ def _check_content(content: Any, where: str, i: int) -> None:
         if not isinstance(part, Mapping):
             raise ChatInputError(field, "must be an object", i)
         kind = part.get("type")
-        if kind in IMAGE_PART_TYPES or (kind is None and IMAGE_PART_TYPES & part.keys()):
+        if (isinstance(kind, str) and kind in IMAGE_PART_TYPES) or (kind is None and IMAGE_PART_TYPES & part.keys()):
             continue
         if kind not in (None, "text"):
             raise ChatInputError(f"{field}.type", f"unsupported part type {kind!r} (text, image, image_url)", i)

@@ -29,6 +29,7 @@ from k2serve.router.admission import Admission
 from k2serve.router.api_error import ApiError, ErrorKind, invalid, public_text
 from k2serve.router.chat_template import ChatInputError, ChatTemplate, ChatTemplateError
 from k2serve.router.choice_output import ChoiceOutput
+from k2serve.router.dispatcher import Dispatcher
 from k2serve.router.generation_event import (
     ChatDelta,
     ChoiceFinished,
@@ -44,7 +45,7 @@ from k2serve.router.router_metrics import RouterMetrics
 from k2serve.router.sampling_check import RequestLimits
 from k2serve.router.scrape_targets import ScrapeTargets
 from k2serve.router.tokenizer import KimiTokenizer
-from k2serve.router.worker_client import Dispatcher, NoWorkerError, TokenEvent
+from k2serve.router.worker_client import NoWorkerError, TokenEvent
 
 CONTEXT_PHRASE = "This model's maximum context length is"
 
@@ -148,6 +149,10 @@ class Frontend:
             raise
         self._running[request.request_id] = stream
         return stream
+
+    def running_ids(self) -> list[str]:
+        """Ids of the requests streaming now (``abort`` takes each)."""
+        return list(self._running)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a running request by the server's id (the explicit Abort RPC)."""

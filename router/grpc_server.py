@@ -55,6 +55,7 @@ from k2serve.router.grpc_messages import (
     tool_choice,
 )
 from k2serve.router.grpc_responses import chat_responses, generate_responses
+from k2serve.router.sampling_check import check_min_tokens
 
 __all__ = ["Serving", "add_serving", "auth_interceptor"]
 
@@ -186,10 +187,12 @@ class Serving(serving_pb2_grpc.ServingServicer):
         else:
             raise invalid("prompt", "one of `text` or `token_ids` is required")
         max_tokens = f.check_prompt(prompt, checked.sampling.max_tokens, param=which)
+        sampling = replace(checked.sampling, max_tokens=max_tokens)
+        check_min_tokens(sampling, "sampling.min_tokens")
         return GenerationRequest(
             request_id=f.new_request_id("gen"),
             prompt_token_ids=tuple(prompt),
-            sampling=replace(checked.sampling, max_tokens=max_tokens),
+            sampling=sampling,
             n=checked.n,
             stop=checked.stop,
             skip_special_tokens=request.skip_special_tokens,
@@ -204,7 +207,7 @@ class Serving(serving_pb2_grpc.ServingServicer):
         checked = request_sampling(request.sampling, f.limits, f.tokenizer.vocab_size)
         if checked.sampling.top_logprobs is not None:
             raise invalid("sampling.top_logprobs", "Chat returns no logprobs (use Generate)")
-        return chat_generation(
+        generation = chat_generation(
             f,
             request_id=f.new_request_id("chat"),
             messages=chat_messages(request.messages),
@@ -217,6 +220,8 @@ class Serving(serving_pb2_grpc.ServingServicer):
             routing=self._routing(context, request.session_id),
             deadline_s=context.time_remaining(),
         )
+        check_min_tokens(generation.sampling, "sampling.min_tokens")
+        return generation
 
     def _tokenize(self, request: serving_pb2.TokenizeRequest) -> list[int]:
         f = self.frontend
@@ -227,10 +232,13 @@ class Serving(serving_pb2_grpc.ServingServicer):
         if which != "chat":
             raise invalid("input", "one of `text` or `chat` is required")
         chat = request.chat
-        f.check_model(chat.model, "chat.model")
-        tools = chat_tools(chat.tools, "chat.tools")
-        mode, _ = resolve_tool_choice(tools, tool_choice(chat))
-        return f.render_chat(chat_messages(chat.messages, "chat.messages"), tools if mode != "none" else None)
+        try:
+            f.check_model(chat.model, "model")
+            tools = chat_tools(chat.tools)
+            mode, _ = resolve_tool_choice(tools, tool_choice(chat))
+            return f.render_chat(chat_messages(chat.messages), tools if mode != "none" else None)
+        except ApiError as error:
+            raise _within("chat", error) from None
 
     def _routing(self, context: grpc.aio.ServicerContext, session_id: str) -> Routing:
         tenant = self._tenant(context)
@@ -246,6 +254,16 @@ class Serving(serving_pb2_grpc.ServingServicer):
 def _internal_error() -> ApiError:
     """A bug, not the request's fault: logged here, told to the client without details."""
     return ApiError(ErrorKind.INTERNAL, "internal error (logged by the router)")
+
+
+def _within(field: str, error: ApiError) -> ApiError:
+    """``error`` about a field of the message in ``field`` (``messages`` -> ``chat.messages``)."""
+    if error.param is None:
+        return error
+    message = error.message
+    if message.startswith(f"{error.param}:"):
+        message = f"{field}.{message}"
+    return ApiError(error.kind, message, param=f"{field}.{error.param}", retry_after_s=error.retry_after_s)
 
 
 def _id_metadata(client_id: str, request_id: str) -> tuple[tuple[str, str], ...]:

@@ -33,8 +33,29 @@ from k2serve.router.frontend import Frontend
 from k2serve.router.http_counter import HttpCounter
 from k2serve.router.http_guard import DEFAULT_MAX_BODY_BYTES, DEFAULT_PUBLIC_PATHS, HttpGuard, is_anthropic_path
 from k2serve.router.openai_routes import openai_routes
+from k2serve.router.openai_schemas import STRING, integer
 
 logger = logging.getLogger(__name__)
+
+_HEALTH = {"type": "object", "required": ["status"], "properties": {"status": STRING, "workers": integer(0)}}
+HEALTH_RESPONSES: dict[int | str, Any] = {
+    200: {"description": "admitting, a worker is live", "content": {"application/json": {"schema": _HEALTH}}},
+    503: {"description": "draining, or no live worker", "content": {"application/json": {"schema": _HEALTH}}},
+}
+METRICS_RESPONSES: dict[int | str, Any] = {
+    200: {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {"schema": STRING}}}
+}
+_TARGET_GROUP = {
+    "type": "object",
+    "required": ["targets", "labels"],
+    "properties": {"targets": {"type": "array", "items": STRING}, "labels": {"type": "object"}},
+}
+TARGETS_RESPONSES: dict[int | str, Any] = {
+    200: {
+        "description": "Prometheus HTTP service discovery",
+        "content": {"application/json": {"schema": {"type": "array", "items": _TARGET_GROUP}}},
+    }
+}
 
 
 def error_response(request: Request, error: ApiError) -> JSONResponse:
@@ -71,7 +92,7 @@ def build_app(
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(request, ApiError(ErrorKind.INTERNAL, "internal error (logged on the server)"))
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health() -> Response:
         if frontend.admission.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -80,11 +101,11 @@ def build_app(
             return JSONResponse({"status": "no live worker"}, status_code=503)
         return JSONResponse({"status": "ok", "workers": workers})
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/metrics/targets")
+    @app.get("/metrics/targets", responses=TARGETS_RESPONSES)
     async def scrape_targets() -> JSONResponse:
         return JSONResponse(frontend.scrape_targets.http_sd())
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -56,9 +56,12 @@ def routing_for(request: Request, user: Any = None) -> Routing:
     return Routing(session_key=session, cache_salt=tenant or None)
 
 
-async def until_done_or_gone(request: Request, work: Awaitable[T]) -> T:
+async def until_done_or_gone(
+    request: Request, work: Awaitable[T], discard: Callable[[T], Awaitable[object]] | None = None
+) -> T:
     """Await ``work``; if the client disconnects first, cancel it and raise ``ClientGone`` (a
-    ``CancelledError``, which ``HttpGuard`` turns into a quiet end of the request)."""
+    ``CancelledError``, which ``HttpGuard`` turns into a quiet end of the request). ``discard`` takes
+    a result that came in the same instant as the disconnect (a started stream nobody will read)."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -68,6 +71,8 @@ async def until_done_or_gone(request: Request, work: Awaitable[T]) -> T:
             if await request.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+                if discard is not None and not task.cancelled() and task.exception() is None:
+                    await discard(task.result())
                 raise ClientGone("the client disconnected")
     finally:
         if not task.done():

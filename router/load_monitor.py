@@ -127,7 +127,7 @@ class LoadMonitor:
             waiting=load.waiting,
             running=load.running,
             kv_usage=load.kv_usage,
-            draining=load.draining,
+            draining=load.draining or load.engine_failed,  # a dead engine takes no request either
             # the worker counted its requests somewhere between the two: the larger never takes this
             # router's own requests (just ended or just sent) for another router's
             in_flight_at_report=max(asked_with, target.in_flight),

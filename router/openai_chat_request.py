@@ -19,7 +19,7 @@ from k2serve.router.chat_request import chat_generation
 from k2serve.router.frontend import Frontend
 from k2serve.router.generation_request import GenerationRequest, Routing
 from k2serve.router.openai_fields import WireBody, check_cache_salt, openai_sampling, openai_stop, stream_options
-from k2serve.router.sampling_check import check_n
+from k2serve.router.sampling_check import check_min_tokens, check_n
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ def parse_chat(frontend: Frontend, raw: Mapping[str, Any], routing: Routing) -> 
         include_stop_str_in_output=body.boolean("include_stop_str_in_output"),
         routing=routing,
     )
+    check_min_tokens(request.sampling)
     shape = ChatShape(
         stream=stream,
         include_usage=include_usage,
@@ -80,6 +81,16 @@ def parse_chat(frontend: Frontend, raw: Mapping[str, Any], routing: Routing) -> 
     return request, shape
 
 
+STRUCTURED_OUTPUT_FIELDS = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "structured_outputs",
+)
+
+
 def check_unsupported(body: WireBody) -> None:
     """Known OpenAI fields whose meaning we cannot honour: a 400 beats a silently different answer."""
     bias = body.mapping("logit_bias")
@@ -88,6 +99,9 @@ def check_unsupported(body: WireBody) -> None:
     response_format = body.mapping("response_format")
     if response_format is not None and response_format.get("type", "text") != "text":
         raise invalid("response_format", "only {'type': 'text'} is supported by this server")
+    for name in STRUCTURED_OUTPUT_FIELDS:  # vLLM's extensions: constrained decoding is not built here
+        if body.raw(name) is not None:
+            raise invalid(name, "structured output (constrained decoding) is not supported by this server")
 
 
 def _logprobs(body: WireBody) -> tuple[bool, int | None]:

@@ -6,7 +6,8 @@ of token ids, a list of strings or a list of token-id lists; each prompt becomes
 answer). Fields are type-checked here (400 naming the field), sampling ranges by
 ``check_sampling``; ``logprobs`` is the legacy integer (the top-k to return, 0 = just the sampled
 token). ``max_tokens`` defaults to 16 as in OpenAI's API (less when the context has less room).
-Not supported, so 400: ``suffix``, and ``echo`` with ``logprobs`` (no prompt logprobs here).
+Not supported, so 400: ``suffix``, and ``echo`` with ``logprobs`` (no prompt logprobs here); more
+prompts x ``n`` than the router's ``max_running`` (they could never all be admitted).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from k2serve.router.frontend import Frontend
 from k2serve.router.generation_request import GenerationRequest, Routing
 from k2serve.router.openai_chat_request import check_unsupported
 from k2serve.router.openai_fields import WireBody, check_cache_salt, openai_sampling, openai_stop, stream_options
-from k2serve.router.sampling_check import check_n
+from k2serve.router.sampling_check import check_min_tokens, check_n
 
 DEFAULT_MAX_TOKENS = 16
 MAX_PROMPTS = 64  # prompts in one request (each runs n choices at once)
@@ -73,6 +74,7 @@ def parse_completion(frontend: Frontend, raw: Mapping[str, Any], routing: Routin
         top_logprobs_key="logprobs",
     )
     n = check_n(body.raw("n"), sampling, frontend.limits)
+    _check_fits(frontend, len(prompts), n)
     stop = openai_stop(frontend, body)
     include_stop = body.boolean("include_stop_str_in_output")
     response_id = frontend.new_request_id("cmpl")
@@ -83,6 +85,7 @@ def parse_completion(frontend: Frontend, raw: Mapping[str, Any], routing: Routin
         max_tokens = (
             room if sampling.max_tokens is not None else min(max(DEFAULT_MAX_TOKENS, sampling.min_tokens), room)
         )
+        check_min_tokens(replace(sampling, max_tokens=max_tokens))
         requests.append(
             GenerationRequest(
                 request_id=response_id if len(prompts) == 1 else f"{response_id}-{p}",
@@ -106,6 +109,17 @@ def parse_completion(frontend: Frontend, raw: Mapping[str, Any], routing: Routin
         return_token_ids=body.boolean("return_token_ids"),
     )
     return CompletionJob(response_id, tuple(requests), texts, shape)
+
+
+def _check_fits(frontend: Frontend, num_prompts: int, n: int) -> None:
+    """Each prompt is admitted on its own and holds its slots until the whole answer is read, so a
+    request needing more slots than the router ever runs at once would wait for itself until
+    ``max_wait_s`` and then get 429: it can never run, so it is a 400 now."""
+    most = frontend.admission.limits.max_running
+    if num_prompts > 1 and num_prompts * n > most:
+        raise invalid(
+            "prompt", f"{num_prompts} prompts x n={n} need {num_prompts * n} slots; this server runs {most} at once"
+        )
 
 
 def _prompts(frontend: Frontend, prompt: Any) -> list[list[int]]:

@@ -6,7 +6,7 @@ server counts every call (``GrpcCounter``). Names are ``k2serve_router_*`` with 
 measured at the router, i.e. what clients see: TTFT from arrival to the first token streamed,
 inter-token latency per streamed step, end-to-end, time queued for admission. Admission gauges,
 rejections, routing decisions and the ready ranks are read at scrape time from their owners
-(``Admission``, ``Dispatcher``). Labels are bounded: ``model_name``, ``finished_reason``, route
+(``Admission``, ``Dispatcher``), as are request migrations (``Dispatcher.migrations``). Labels are bounded: ``model_name``, ``finished_reason``, route
 templates, gRPC method names and codes, policy/role/reason names; never a request id or a user.
 The full list is in docs/METRICS.md.
 """
@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from k2serve.router.admission import Admission
-from k2serve.router.worker_client import Dispatcher
+from k2serve.router.dispatcher import Dispatcher
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
@@ -28,6 +28,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.3, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
 ROLES = ("mixed", "prefill", "decode")
+MIGRATION_KINDS = ("ongoing", "new")  # after / before the first token reached the client
 
 
 class _StateCollector(Collector):
@@ -58,7 +59,12 @@ class _StateCollector(Collector):
         endpoints = self._dispatcher.endpoints
         for role in ROLES:
             workers.add_metric([role], sum(1 for e in endpoints if e.role == role))
-        return [running, waiting, rejected, decisions, workers]
+        migrations = CounterMetricFamily(
+            "k2serve_router_migrations", "Requests re-issued on another rank after theirs failed.", labels=["kind"]
+        )
+        for kind in MIGRATION_KINDS:
+            migrations.add_metric([kind], self._dispatcher.migrations[kind])
+        return [running, waiting, rejected, decisions, workers, migrations]
 
 
 class RouterMetrics:

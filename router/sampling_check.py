@@ -4,7 +4,8 @@ Lifecycle: pure functions over already-parsed values. Each surface maps its own 
 ``SamplingFields`` (``param`` names the wire field in errors) and calls ``check_sampling``, which
 raises ``ApiError`` 400 naming the first bad field (the bad-input table of reliability.md §2.3)
 or returns the engine's ``Sampling``. ``check_stop`` and ``check_n`` cover the request-level
-fields. Non-finite floats (Python's json accepts NaN and Infinity) are rejected everywhere.
+fields, ``check_min_tokens`` the ``max_tokens`` a request ends up with. Non-finite floats
+(Python's json accepts NaN and Infinity) are rejected everywhere.
 """
 
 from __future__ import annotations
@@ -132,6 +133,16 @@ def check_stop(stop: str | Sequence[str] | None, limits: RequestLimits, param: s
         if len(item) > limits.max_stop_chars:
             raise invalid(param, f"a stop string may have at most {limits.max_stop_chars} characters")
     return items
+
+
+def check_min_tokens(sampling: Sampling, param: str = "min_tokens") -> None:
+    """``min_tokens`` against the ``max_tokens`` a request ends up with: the context's room when the
+    client gave none (``check_sampling`` only compares it with a given ``max_tokens``)."""
+    if sampling.max_tokens is not None and sampling.min_tokens > sampling.max_tokens:
+        raise invalid(
+            param,
+            f"must not exceed max_tokens ({sampling.max_tokens}, the room left in the context when not given)",
+        )
 
 
 def check_n(n: int | None, sampling: Sampling, limits: RequestLimits, param: str = "n") -> int:

@@ -17,8 +17,8 @@ from k2serve.cluster.registry import RegistryServer, WorkerBoard
 from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableError
 from k2serve.cluster.restart_policy import RestartPolicy
 from k2serve.cluster.worker_record import WorkerRecord, WorkerSnapshot, worker_id
+from k2serve.router.dispatcher import Dispatcher
 from k2serve.router.scrape_targets import ScrapeTargets
-from k2serve.router.worker_client import Dispatcher
 from k2serve.router_main import registry_follower
 
 

@@ -168,7 +168,19 @@ def test_each_rank_exports_its_share_with_the_kv_transfer_bytes_of_the_formula(
 def test_metric_labels_stay_bounded(live: LiveRouter, traffic: list[dict[str, int]]) -> None:
     """No label value is a request id or a prompt: every label set comes from a fixed vocabulary."""
     allowed = {"model_name", "finished_reason", "source", "direction", "transport", "outcome", "role", "policy"}
-    allowed |= {"reason", "route", "method", "status", "code", "le", "block_size", "num_blocks", "expert", "layer"}
+    allowed |= {
+        "reason",
+        "route",
+        "method",
+        "status",
+        "code",
+        "le",
+        "block_size",
+        "num_blocks",
+        "expert",
+        "layer",
+        "kind",
+    }
     for url in [f"{live.http_url}/metrics", *(f"http://{w.metrics_address}/metrics" for w in live.workers)]:
         for _, labels in scrape(url):
             for key, label in labels:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from router_fixtures import LiveRouter, live_router
 
-from k2serve.router import worker_client
+from k2serve.router import dispatcher as dispatcher_module
 from k2serve.router.frontend import Frontend
 from k2serve.router.generation_event import RequestFinished, RequestUsage
 from k2serve.router.generation_request import GenerationRequest, Routing, Sampling
@@ -64,14 +64,14 @@ def live(model_dir: Path) -> Iterator[LiveRouter]:
 def picks(monkeypatch: pytest.MonkeyPatch) -> list[Pick]:
     """Every pick the dispatcher makes during the test."""
     recorded: list[Pick] = []
-    choose = worker_client.choose
+    choose = dispatcher_module.choose
 
     def spy(policy: RoutingPolicy, role: str, candidates: Sequence[WorkerLoad], **kwargs: Any) -> Any:
         decision = choose(policy, role, candidates, **kwargs)
         recorded.append(Pick(role, tuple(candidates), decision.worker_id))
         return decision
 
-    monkeypatch.setattr(worker_client, "choose", spy)
+    monkeypatch.setattr(dispatcher_module, "choose", spy)
     return recorded
 
 
