@@ -13,10 +13,12 @@ Shape of the file (every section but ``model`` and ``pools`` is optional)::
       prefill: {groups: 1, ep_size: 8, gpus_per_rank: 1, cpus_per_rank: 4, kv_cache_memory: 40GiB}
       decode:  {groups: 2, ep_size: 8, gpus_per_rank: 1, cpus_per_rank: 4, kv_cache_blocks: 8192}
     router:      {host: 127.0.0.1, port: 8000, grpc_port: 50051, policy: auto}
+                 # + tls_cert, tls_key (PEM, both or neither), tls_ca (mutual TLS)
+                 # + migration_limit: 3, stall_timeout_s: 30 (request migration; 0 = off)
     ray:         {address: null, namespace: k2serve, num_cpus: null, detached: false, auth: token}
     network:     {interface_host: 127.0.0.1}   # or "node": each node's Ray IP address
     registry:    {port: 0}
-    kv_transfer: {transport: p2p, lease_ttl_s: 30}
+    kv_transfer: {transport: p2p, lease_ttl_s: 30, handoff_wait_s: 30, checksum: false}
     health:      {interval_s: 5, timeout_s: 3, failures: 3, start_timeout_s: 900}
     restart:     {max_restarts: 5, backoff_initial_s: 1, backoff_max_s: 60, reset_after_s: 600}
     metrics:     {worker_port: 0, controller_port: 0}   # /metrics of each rank and the controller (0 = any port)
@@ -54,6 +56,13 @@ class RouterSettings:
     max_waiting: int = 1024  # admission: requests queued beyond that (more -> 429)
     max_wait_s: float = 30.0  # admission: the longest a request queues before 429
     max_body_bytes: int = 8 * 2**20  # REST bodies over this -> 413
+    migration_limit: int = 3  # re-issues of a request whose rank failed mid-stream (0 = off)
+    stall_timeout_s: float = 30.0  # a started stream silent this long counts as a dead rank (0 = off)
+    # TLS of both listeners (PEM files): cert and key together; with a CA, clients need a certificate it
+    # signed (mutual TLS). Router -> worker gRPC stays plaintext on network.interface_host.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,9 @@ class RegistrySettings:
 @dataclass(frozen=True)
 class KvTransferSettings:
     transport: KvTransport = "p2p"
-    lease_ttl_s: float = 30.0
+    lease_ttl_s: float = 30.0  # a prefill rank holds the KV this long past the decode rank's last renewal
+    handoff_wait_s: float = 30.0  # a decode rank waits this long (FIFO) for free KV blocks before refusing
+    checksum: bool = False  # CRC32 per layer: a corrupted transfer fails (and is re-prefilled) instead of decoding
 
 
 @dataclass(frozen=True)
@@ -226,9 +237,29 @@ def _read_router(r: ConfigReader) -> RouterSettings:
         r.integer("max_waiting", d.max_waiting, minimum=0),
         r.number("max_wait_s", d.max_wait_s, minimum=0.0),
         r.integer("max_body_bytes", d.max_body_bytes, minimum=1024),
+        migration_limit=r.integer("migration_limit", d.migration_limit, minimum=0),
+        stall_timeout_s=r.number("stall_timeout_s", d.stall_timeout_s, minimum=0.0),
+        tls_cert=r.optional_text("tls_cert"),
+        tls_key=r.optional_text("tls_key"),
+        tls_ca=r.optional_text("tls_ca"),
     )
+    _check_tls(r, out)
     r.finish()
     return out
+
+
+def _check_tls(r: ConfigReader, router: RouterSettings) -> None:
+    """Both or neither of the certificate and key; a CA only with them; every named file exists (the
+    router checks that they load when it starts)."""
+    cert, key, ca = router.tls_cert, router.tls_key, router.tls_ca
+    if (cert is None) != (key is None):
+        given, missing = ("tls_cert", "tls_key") if cert is not None else ("tls_key", "tls_cert")
+        raise ClusterConfigError(r.where(missing), f"is required with router.{given} (give both or neither)")
+    if ca is not None and cert is None:
+        raise ClusterConfigError(r.where("tls_ca"), "needs router.tls_cert and router.tls_key (mutual TLS)")
+    for name, value in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)):
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ClusterConfigError(r.where(name), f"no such file: {value}")
 
 
 def _read_ray(r: ConfigReader) -> RaySettings:
@@ -265,7 +296,12 @@ def _read_metrics(r: ConfigReader) -> MetricsSettings:
 def _read_kv_transfer(r: ConfigReader) -> KvTransferSettings:
     d = KvTransferSettings()
     transport = cast(KvTransport, r.choice("transport", ("p2p", "grpc"), d.transport))
-    out = KvTransferSettings(transport, r.number("lease_ttl_s", d.lease_ttl_s, positive=True))
+    out = KvTransferSettings(
+        transport,
+        r.number("lease_ttl_s", d.lease_ttl_s, positive=True),
+        r.number("handoff_wait_s", d.handoff_wait_s, positive=True),
+        r.flag("checksum", d.checksum),
+    )
     r.finish()
     return out
 

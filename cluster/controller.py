@@ -13,8 +13,9 @@ something changes) the loop creates missing groups (each start is its own task, 
 ``health.start_timeout_s``), removes groups above the desired count (drain, then stop), checks
 every ready group (actor liveness + gRPC health, bounded by ``health.timeout_s``) and publishes
 the live set to the registry. A dead rank kills its whole group at once (an EP group cannot lose a
-rank); ``health.failures`` consecutive unhealthy rounds do too. A failed group is recreated after
-an exponential back-off, at most ``restart.max_restarts`` times. ``drain(pool, group)`` drains a
+rank), and so does a rank that reports its group failed (a peer died or hangs: it never recovers);
+``health.failures`` consecutive unhealthy rounds (timeouts, NOT_SERVING) do too. A failed group is
+recreated after an exponential back-off, at most ``restart.max_restarts`` times. ``drain(pool, group)`` drains a
 group and replaces it with a fresh one; ``scale(pool, groups)`` changes the desired count;
 ``shutdown()`` stops the loop, drains (optionally) and stops every group, kills the actors, removes
 the placement groups and stops the registry. A group that failed for good stays ``failed`` (shown in

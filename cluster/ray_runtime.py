@@ -25,6 +25,21 @@ With ``ray.auth: disabled``, ``RAY_AUTH_MODE=disabled`` is set explicitly (Ray 2
 enable token mode for a new local instance by itself). The environment variables set here are put
 back as they were at ``shutdown()``. Our own gRPC services (workers, registry) are a separate
 matter: they bind ``network.interface_host`` only and speak protobuf only.
+
+Where an embedded instance listens (``bind_host``, normally ``network.interface_host``;
+reliability.md S2). Ray 2.60's own servers (GCS, raylet, every core worker, the dashboard agent,
+the autoscaler monitor) listen on loopback only when the node's IP is exactly loopback, and on
+every interface (``0.0.0.0`` / ``::``) otherwise: there is no per-address bind option. Ray also
+replaces a loopback ``_node_ip_address`` by the machine's routable IP unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off (``ray._private.services.resolve_ip_for_localhost``).
+So a loopback ``bind_host`` (the default) sets that variable to 0 for every Ray process, turns
+the constant Ray computed from it at import off in this process, and starts the node on
+127.0.0.1: then no Ray port is reachable from another machine. ``"node"`` leaves the node IP to
+Ray; any other address becomes the node IP, and Ray's ports then listen on every interface (a
+multi-node cluster needs them reachable; keep such nodes on a private network, S3). Both are put
+back at ``shutdown()``. A driver joining a loopback cluster (``address: auto`` finding the local
+instance, or ``127.0.0.1:port``) turns the same switch on, or Ray would look for the cluster at the
+machine's routable IP.
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray._private import ray_constants, services
 
 from k2serve.cluster.config import RaySettings
 
@@ -49,6 +65,9 @@ logger = logging.getLogger(__name__)
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a loopback node IP as it is
+NODE_IP = "node"  # bind_host meaning "the node IP Ray picks" (network.interface_host's "node")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -59,12 +78,22 @@ class RayRuntime:
     generated_token: bool = False  # a per-instance token was made because none existed
     _workdir: Path | None = None  # the temporary neutral folder we created (removed at shutdown)
     _saved_env: dict[str, str | None] = field(default_factory=dict)
+    _saved_cluster_flag: bool | None = None  # Ray's ENABLE_RAY_CLUSTER before a loopback start
 
     @classmethod
     def start(
-        cls, settings: RaySettings, *, workdir: str | Path | None = None, auth_token: str | None = None
+        cls,
+        settings: RaySettings,
+        *,
+        workdir: str | Path | None = None,
+        auth_token: str | None = None,
+        bind_host: str = "127.0.0.1",
     ) -> RayRuntime:
-        """Start (``settings.address`` is None) or connect (otherwise). Raises if Ray is already up here."""
+        """Start (``settings.address`` is None) or connect (otherwise). Raises if Ray is already up here.
+
+        ``bind_host``: where an embedded instance listens (see the module docstring); ignored when
+        connecting to an existing cluster (its nodes were started by ``ray start``; one on loopback is
+        joined as a loopback node)."""
         if ray.is_initialized():
             raise RuntimeError("Ray is already initialized in this process; shut it down or reuse that instance")
         embedded = settings.address is None
@@ -75,9 +104,11 @@ class RayRuntime:
             runtime._workdir = neutral
         try:
             with _working_directory(neutral):
-                if embedded:
-                    _init_embedded(settings)
+                if settings.address is None:
+                    _init_embedded(settings, runtime._configure_bind(bind_host))
                 else:
+                    if _is_loopback_cluster(settings.address):
+                        runtime._configure_bind("127.0.0.1")
                     ray.init(address=settings.address, namespace=settings.namespace)
         except BaseException:
             runtime._restore()
@@ -110,11 +141,25 @@ class RayRuntime:
             self.generated_token = True
         _reload_ray_auth()
 
+    def _configure_bind(self, bind_host: str) -> str | None:
+        """The node IP to start the embedded instance on (None: Ray's choice)."""
+        if bind_host == NODE_IP:
+            return None
+        if bind_host not in LOOPBACK_HOSTS:
+            return bind_host
+        self._set_env(CLUSTER_ENV, "0")
+        self._saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False  # computed from CLUSTER_ENV when ray was imported
+        return "127.0.0.1"
+
     def _set_env(self, name: str, value: str) -> None:
         self._saved_env.setdefault(name, os.environ.get(name))
         os.environ[name] = value
 
     def _restore(self) -> None:
+        if self._saved_cluster_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = self._saved_cluster_flag
+            self._saved_cluster_flag = None
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -128,18 +173,31 @@ class RayRuntime:
             self._workdir = None
 
 
-def _init_embedded(settings: RaySettings, attempts: int = 2) -> None:
+def _init_embedded(settings: RaySettings, node_ip: str | None, attempts: int = 2) -> None:
     """``ray.init`` of a new local instance; a GCS that does not come up in Ray's own bound (seen on a
     loaded 2-core machine: "Timed out waiting for file .../gcs_server_port_...") gets one more try."""
+    options: dict[str, Any] = {} if node_ip is None else {"_node_ip_address": node_ip}
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=settings.num_cpus, include_dashboard=False, namespace=settings.namespace)
+            ray.init(num_cpus=settings.num_cpus, include_dashboard=False, namespace=settings.namespace, **options)
             return
         except RuntimeError as exc:
             if "Timed out waiting for file" not in str(exc) or attempt + 1 == attempts:
                 raise
             logger.warning("ray: the local instance did not start (%s); trying again", exc)
             ray.shutdown()
+
+
+def _is_loopback_cluster(address: str) -> bool:
+    """Whether the cluster ``address`` names (``auto``: the local one Ray finds) listens on loopback:
+    then this driver must join it as a loopback node too (Ray would otherwise rewrite 127.0.0.1 to the
+    machine's routable IP and find no GCS or raylet there)."""
+    try:
+        found = services.get_ray_address_from_environment(address, None)
+    except ConnectionError:
+        return False  # none running: ray.init says so
+    host = str(found).rpartition(":")[0].strip("[]")
+    return host in LOOPBACK_HOSTS
 
 
 def _reload_ray_auth() -> None:

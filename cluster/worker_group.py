@@ -8,7 +8,9 @@ Lifecycle (one object per attempt; a restart builds a new one with the next ``ge
    every rank's gRPC health says SERVING. All of it within ``timeout_s``; on any failure the
    partial group is killed and ``GroupStartError`` says which step failed.
 2. ``check(probe, timeout_s)`` while it serves: actor liveness and gRPC health of every rank, in
-   parallel. An EP group cannot lose a rank, so one dead actor is the death of the group.
+   parallel. An EP group cannot lose a rank, so one dead actor is the death of the group, and so is
+   a rank that reports its engine or its group failed (a peer's collective timed out or broke: no
+   rank of that group can serve again, so there is nothing to wait for).
 3. ``drain(grace_s)`` before a planned stop; ``stop(grace_s)`` asks every rank to stop (bounded),
    then ``kill()`` kills the actors and removes the placement group. ``kill()`` alone is for a
    failed group; it is idempotent.
@@ -46,7 +48,7 @@ class GroupStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class GroupHealth:
-    dead: str | None = None  # an actor is gone: the group is lost
+    dead: str | None = None  # an actor is gone, or a rank reports its group failed: the group is lost
     problems: tuple[str, ...] = ()  # unhealthy answers or timeouts (counted by the controller)
 
     @property
@@ -178,9 +180,18 @@ class WorkerGroup:
     async def check(self, probe: HealthProbe, timeout_s: float, *, expect_serving: bool = True) -> GroupHealth:
         """Liveness of every actor, and (unless draining) SERVING on every rank's gRPC health."""
         alive = await asyncio.gather(*(self._actor_alive(slot, timeout_s) for slot in self.ranks))
-        dead = next((a for a in alive if a is not None and a.startswith("dead")), None)
-        if dead is not None:
-            return GroupHealth(dead=f"{self.name}: {dead}")
+        if None in alive and any(a is not None and a.startswith("failed:") for a in alive):
+            # a rank that answered healthy beside a failed peer may have died just after (the cause): ask again
+            again = [
+                self._actor_alive(s, timeout_s) if a is None else _now(a)
+                for s, a in zip(self.ranks, alive, strict=True)
+            ]
+            alive = await asyncio.gather(*again)
+        # a dead actor first (the cause), else a survivor whose group failed (the effect)
+        for fatal in ("dead:", "failed:"):
+            lost = next((a for a in alive if a is not None and a.startswith(fatal)), None)
+            if lost is not None:
+                return GroupHealth(dead=f"{self.name}: {lost}")
         problems = [a for a in alive if a is not None]
         if expect_serving:
             answers = await asyncio.gather(*(probe.check(slot.address, timeout_s) for slot in self.ranks))
@@ -195,7 +206,7 @@ class WorkerGroup:
         except (TimeoutError, GetTimeoutError):
             return f"rank {slot.rank} ({slot.worker_id}) actor did not answer within {timeout_s:g}s"
         if not serving:
-            return f"rank {slot.rank} ({slot.worker_id}) reports its engine or its expert-parallel group failed"
+            return f"failed: rank {slot.rank} ({slot.worker_id}) reports its engine or its expert-parallel group failed"
         return None
 
     async def load(self, timeout_s: float) -> list[dict[str, Any]]:
@@ -246,6 +257,10 @@ def _left(deadline: float) -> float:
 
 async def _await(ref: Any) -> Any:
     return await ref
+
+
+async def _now(value: T) -> T:
+    return value
 
 
 async def _gather(refs: Iterable[Any]) -> list[Any]:

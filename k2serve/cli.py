@@ -115,8 +115,17 @@ def _add_router(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--max-waiting", type=int, default=1024, help="admission: queued requests before 429")
     p.add_argument("--max-wait", type=float, default=30.0, help="admission: seconds queued before 429")
     p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="REST bodies over this get 413")
+    p.add_argument("--migration-limit", type=int, default=3, help="re-issues of a stream whose rank failed (0 = off)")
+    p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds a started stream may be silent (0 = off)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    _add_tls(p)
     p.set_defaults(func=_router)
+
+
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (chain) of the REST and gRPC listeners")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (give both or neither)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA: clients must show a certificate it signed (mutual TLS)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -144,6 +153,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p.add_argument("--grpc-port", type=int, default=None, help="router gRPC port (0 = any free port)")
         p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every group")
         p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+        _add_tls(p)
         p.set_defaults(func=_serve)
 
 

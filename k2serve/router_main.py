@@ -4,22 +4,30 @@ Lifecycle: ``build_frontend`` reads the model folder's tokenizer, chat template 
 (no weights, no torch) and wires the ``Frontend`` to a ``Dispatcher``; ``serve_router`` starts the
 ``RouterServer`` (REST + gRPC on the configured interface), keeps the dispatcher equal to the live
 worker set (``follow``: the registry's ``Watch`` stream, or a fixed list), prints one
-``k2serve: ready ...`` line, and returns after SIGINT/SIGTERM once the router has drained.
+``k2serve: ready ...`` line and serves. SIGINT/SIGTERM drains it: readiness (``GET /health``, gRPC
+health) and new requests answer 503 / UNAVAILABLE at once, requests in flight get ``grace_s`` to
+finish, the rest are aborted (finish reason ``abort``); a second signal ends the grace at once.
+``serve_router`` returns the ``DrainReport`` once both listeners are closed.
 
 ``k2serve router --registry HOST:PORT`` (or ``--worker ID=ROLE@HOST:PORT`` ...) is how a router
 runs as its own deployment (Kubernetes: a ``Deployment`` beside the Ray cluster). API keys come
-from ``K2SERVE_API_KEYS`` (comma-separated) or ``--api-key``; none = authentication off.
+from ``K2SERVE_API_KEYS`` (comma-separated) or ``--api-key``; none = authentication off. With
+``--tls-cert``/``--tls-key`` both listeners speak TLS (``--tls-ca``: mutual TLS); the router's own
+calls to workers stay plaintext on the cluster's private interface.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +38,13 @@ from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableE
 from k2serve.cluster.worker_record import WorkerSnapshot
 from k2serve.router.admission import Admission, AdmissionLimits
 from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.dispatcher import Dispatcher
 from k2serve.router.frontend import Frontend, ServedModel
-from k2serve.router.policy import parse_policy
-from k2serve.router.router_server import RouterOptions, RouterServer
+from k2serve.router.policy import RoutingPolicy, parse_policy
+from k2serve.router.router_server import DrainReport, RouterOptions, RouterServer, TlsError, TlsFiles
 from k2serve.router.scrape_targets import ScrapeTarget, ScrapeTargets
 from k2serve.router.tokenizer import KimiTokenizer
-from k2serve.router.worker_client import Dispatcher, WorkerEndpoint
+from k2serve.router.worker_client import WorkerEndpoint
 
 Follow = Callable[[Dispatcher], Coroutine[Any, Any, None]]
 REGISTRY_WAIT_S = 600.0  # a router may start long before the head node's registry
@@ -55,6 +64,11 @@ def build_frontend(model_dir: Path, settings: RouterSettings, max_model_len: int
     return Frontend(dispatcher, tokenizer, ChatTemplate.from_model_dir(model_dir), model, Admission(limits))
 
 
+def router_dispatcher(settings: RouterSettings, policy: RoutingPolicy) -> Dispatcher:
+    """The ``Dispatcher`` of a router with ``settings`` (migration and stall bounds) and ``policy``."""
+    return Dispatcher(policy=policy, migration_limit=settings.migration_limit, stall_timeout_s=settings.stall_timeout_s)
+
+
 def api_keys(flag_values: Sequence[str] | None) -> tuple[str, ...]:
     keys = [k.strip() for k in os.environ.get("K2SERVE_API_KEYS", "").split(",")]
     return tuple(k for k in [*keys, *(flag_values or ())] if k)
@@ -62,31 +76,64 @@ def api_keys(flag_values: Sequence[str] | None) -> tuple[str, ...]:
 
 async def serve_router(
     frontend: Frontend, settings: RouterSettings, keys: tuple[str, ...], follow: Follow, grace_s: float
-) -> int:
+) -> DrainReport:
     options = RouterOptions(
         host=settings.host,
         port=settings.port,
         grpc_port=settings.grpc_port,
         api_keys=keys,
         max_body_bytes=settings.max_body_bytes,
+        tls=tls_files(settings),
     )
     server = await RouterServer.start(frontend, options)
     frontend.dispatcher.start_monitor()
     follower = asyncio.create_task(follow(frontend.dispatcher), name="worker-set")
     workers = ", ".join(f"{e.worker_id}={e.address}" for e in frontend.dispatcher.endpoints)
     auth = "on" if keys else "off"
+    tls = "off" if options.tls is None else ("mutual" if options.tls.mutual else "on")
     print(
-        f"k2serve: ready at {server.http_url} (gRPC {server.grpc_target}, API keys {auth}; workers: {workers})",
+        f"k2serve: ready at {server.http_url} (gRPC {server.grpc_target}, API keys {auth}, TLS {tls}; "
+        f"workers: {workers})",
         flush=True,
     )
+    loop = asyncio.get_running_loop()
+    with stop_signals(lambda: loop.call_soon_threadsafe(server.request_stop)):
+        try:
+            await server.wait()  # a signal: readiness and new requests are 503 from here on
+            if server.draining:
+                print(f"k2serve: draining (grace {grace_s:g} s)", file=sys.stderr, flush=True)
+        finally:
+            report = await server.stop(grace_s=grace_s)  # a second signal ends the grace early
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+            await frontend.dispatcher.close()
+    print(f"k2serve: router drained in {report.seconds:.2f} s ({report.aborted} aborted)", file=sys.stderr, flush=True)
+    return report
+
+
+@contextlib.contextmanager
+def stop_signals(on_signal: Callable[[], object]) -> Iterator[None]:
+    """SIGINT/SIGTERM call ``on_signal`` (every time: the first starts the drain, a second ends its
+    grace) while the block runs; the previous handlers come back after it. Main thread only (elsewhere
+    Python delivers no signals, and this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, lambda signum, frame: on_signal())
     try:
-        await server.wait()  # uvicorn ends it on SIGINT/SIGTERM
+        yield
     finally:
-        await server.stop(grace_s=grace_s)
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await frontend.dispatcher.close()
-    return 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def tls_files(settings: RouterSettings) -> TlsFiles | None:
+    """The checked TLS files of the router's listeners (``TlsError``, a ValueError, names the setting)."""
+    names = ("router.tls_cert", "router.tls_key", "router.tls_ca")
+    return TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca, names=names)
 
 
 def registry_follower(
@@ -166,7 +213,16 @@ def run_router(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_wait_s=args.max_wait,
         max_body_bytes=args.max_body_bytes,
+        migration_limit=args.migration_limit,
+        stall_timeout_s=args.stall_timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
     )
+    try:
+        TlsFiles.of(args.tls_cert, args.tls_key, args.tls_ca, names=("--tls-cert", "--tls-key", "--tls-ca"))
+    except TlsError as exc:
+        raise ValueError(f"router: {exc}") from None
     max_model_len = args.max_model_len or model_context_length(model_dir)
     policy = parse_policy(settings.policy)
     fixed = [parse_worker(w) for w in args.worker or ()]
@@ -174,7 +230,7 @@ def run_router(args: argparse.Namespace) -> int:
         raise ValueError("router: give either --registry HOST:PORT or one or more --worker")
 
     async def main() -> int:
-        dispatcher = Dispatcher(policy=policy)
+        dispatcher = router_dispatcher(settings, policy)
         frontend = build_frontend(model_dir, settings, max_model_len, dispatcher)
         if args.registry:
             first, follow = registry_follower(args.registry, frontend.scrape_targets, wait_s=args.registry_wait)
@@ -189,6 +245,7 @@ def run_router(args: argparse.Namespace) -> int:
             async def follow(_: Dispatcher) -> None:
                 return None
 
-        return await serve_router(frontend, settings, api_keys(args.api_key), follow, args.grace)
+        await serve_router(frontend, settings, api_keys(args.api_key), follow, args.grace)
+        return 0
 
     return asyncio.run(main())

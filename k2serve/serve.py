@@ -7,8 +7,9 @@ group and serves the registry) -> wait until every group is ready -> run the rou
 (``router_main.serve_router``: REST and gRPC on ``router.host``, a ``Dispatcher`` kept equal to
 the registry's ready workers) -> print one ``k2serve: ready ...`` line -> serve until
 SIGINT/SIGTERM (``cluster --no-router``: no router here; routers elsewhere follow the registry)
--> drain: the router stops taking requests, the controller drains and stops
-every group, Ray is shut down (or disconnected). Exit status 0 after a clean stop, 1 when the
+-> drain: the router answers 503 to readiness and new requests at once and gives the requests in
+flight ``--grace`` seconds (then aborts them); the controller drains every group in what is left of
+the grace and stops it; Ray is shut down (or disconnected). Exit status 0 after a clean stop, 1 when the
 cluster could not come up, 2 for bad flags or configuration.
 """
 
@@ -28,8 +29,8 @@ from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_handle import ControllerHandle
 from k2serve.cluster.ray_runtime import RayRuntime
 from k2serve.router.policy import parse_policy
-from k2serve.router.worker_client import Dispatcher
-from k2serve.router_main import api_keys, build_frontend, registry_follower, serve_router
+from k2serve.router.router_server import DrainReport
+from k2serve.router_main import api_keys, build_frontend, registry_follower, router_dispatcher, serve_router
 
 
 def resolve_config(args: argparse.Namespace) -> ClusterConfig:
@@ -41,7 +42,14 @@ def resolve_config(args: argparse.Namespace) -> ClusterConfig:
         config = ClusterConfig.demo(Path(args.model), colocated=args.colocated)
     else:
         raise ValueError("serve: give MODEL_DIR, --demo or --config FILE")
-    flags = (("host", args.host), ("port", args.port), ("grpc_port", getattr(args, "grpc_port", None)))
+    flags = (
+        ("host", args.host),
+        ("port", args.port),
+        ("grpc_port", getattr(args, "grpc_port", None)),
+        ("tls_cert", getattr(args, "tls_cert", None)),
+        ("tls_key", getattr(args, "tls_key", None)),
+        ("tls_ca", getattr(args, "tls_ca", None)),
+    )
     overrides = {k: v for k, v in flags if v is not None}
     if overrides:
         data = config.to_dict()
@@ -65,9 +73,9 @@ class _StopRequested(Exception):
 
 @dataclass
 class _Signals:
-    """While the HTTP server runs, uvicorn owns SIGINT/SIGTERM (graceful stop) and re-raises the
-    signal when it is done; this handler then ignores it, so the cluster teardown still runs.
-    Before that, a signal aborts the start-up (and the teardown runs too)."""
+    """Before the router serves, SIGINT/SIGTERM abort the start-up (the teardown still runs). While it
+    serves, ``router_main.serve_router`` owns them (drain); after it, this handler ignores them, so
+    the cluster teardown (itself bounded) is not cut short."""
 
     serving: bool = False
 
@@ -84,7 +92,8 @@ class _Signals:
 def run_serve(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     signals = _Signals()
-    runtime = RayRuntime.start(config.ray)
+    grace_left = args.grace  # what the groups' drain gets at the stop
+    runtime = RayRuntime.start(config.ray, bind_host=config.network.interface_host)
     signals.install()
     controller: ControllerHandle | None = None
     try:
@@ -97,15 +106,22 @@ def run_serve(args: argparse.Namespace) -> int:
             return 1
         signals.serving = True
         signals.install()
-        return asyncio.run(_route(config, controller.registry_address, args.grace))
+        report = asyncio.run(_route(config, controller.registry_address, args.grace))
+        # the groups drain too (routers elsewhere may use them), in what is left of the grace
+        grace_left = max(0.0, args.grace - report.seconds)
+        return 0
     except _StopRequested as stop:
-        print(f"k2serve: {stop} during start-up; stopping", file=sys.stderr)
+        print(f"k2serve: {stop}; stopping", file=sys.stderr)
         return 0
     finally:
+        started = time.monotonic()
         if controller is not None:
             with contextlib.suppress(Exception):
-                controller.shutdown(grace_s=args.grace, timeout_s=args.grace + 20.0)
+                controller.shutdown(grace_s=grace_left, timeout_s=grace_left + 20.0)
+        workers_s = time.monotonic() - started
         runtime.shutdown()
+        ray_s = time.monotonic() - started - workers_s
+        print(f"k2serve: workers stopped in {workers_s:.2f} s, Ray in {ray_s:.2f} s", file=sys.stderr, flush=True)
 
 
 def _head(controller: ControllerHandle, report_every_s: float) -> int:
@@ -120,8 +136,8 @@ def _head(controller: ControllerHandle, report_every_s: float) -> int:
         time.sleep(1.0)
 
 
-async def _route(config: ClusterConfig, registry_address: str, grace_s: float) -> int:
-    dispatcher = Dispatcher(policy=parse_policy(config.router.policy))
+async def _route(config: ClusterConfig, registry_address: str, grace_s: float) -> DrainReport:
+    dispatcher = router_dispatcher(config.router, parse_policy(config.router.policy))
     max_model_len = min(p.max_model_len for p in config.pools)
     frontend = build_frontend(config.model, config.router, max_model_len, dispatcher)
     first, follow = registry_follower(registry_address, frontend.scrape_targets)

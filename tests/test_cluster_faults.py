@@ -56,7 +56,8 @@ from k2serve.cluster.registry_client import RegistryClient
 from k2serve.cluster.worker_group import ACTOR_NAME_PREFIX
 from k2serve.cluster.worker_record import WorkerSnapshot
 from k2serve.proto import worker_pb2, worker_pb2_grpc
-from k2serve.router.worker_client import Dispatcher, NoWorkerError, WorkerEndpoint
+from k2serve.router.dispatcher import Dispatcher
+from k2serve.router.worker_client import NoWorkerError, WorkerEndpoint
 from k2serve.tiny_model import make_tiny_model
 from k2serve.workers.config import ModelConfig
 from k2serve.workers.greedy import greedy_generate

@@ -81,6 +81,7 @@ Call with (dict "ctx" $ "name" "prefill" "group" .Values.prefill).
             - {name: raylet, containerPort: {{ $ctx.Values.ray.nodeManagerPort }}, protocol: TCP}
           env:
             {{- include "k2serve.rayEnv" $ctx | nindent 12 }}
+            - {name: K2SERVE_WORKER_GRACE_S, value: {{ $g.graceS | quote }}}
             {{- with $g.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -91,6 +92,15 @@ Call with (dict "ctx" $ "name" "prefill" "group" .Values.prefill).
             {{- $_ := set $res "requests" (merge (dict $ctx.Values.gpuResourceName (toString $gpu)) (default dict $res.requests)) }}
             {{- end }}
             {{- toYaml $res | nindent 12 }}
+          # SIGTERM reaches `ray start`, which kills the ranks at once: first let each rank drain its group
+          # (a rank drains on SIGTERM and the controller replaces the group), bounded by graceS + 25 s.
+          lifecycle:
+            preStop:
+              exec:
+                command:
+                  - /bin/bash
+                  - -c
+                  - pkill -TERM -f 'ray::WorkerActor' || true; timeout {{ add (int $g.graceS) 25 }} bash -c 'while pgrep -f ray::WorkerActor >/dev/null; do sleep 1; done' || true
           # The raylet's port: open while this node is part of the Ray cluster.
           readinessProbe:
             tcpSocket: {port: raylet}
