@@ -123,7 +123,7 @@ class Frontend:
                 ErrorKind.INVALID,
                 f"{CONTEXT_PHRASE} {limit} tokens. However, your prompt contains {n} input tokens, "
                 "which leaves no room for output. Please reduce the length of the prompt.",
-                param="input_tokens",
+                param=param,
             )
         if max_tokens is None:
             return limit - n

@@ -278,5 +278,8 @@ async def _fail(context: grpc.aio.ServicerContext, error: ApiError, client_id: s
         trailing.append(("retry-after", str(error.retry_after_s)))
     if client_id:
         trailing.append((REQUEST_ID_KEY, client_id))
-    await context.abort(error.kind.grpc_code, error.message, trailing_metadata=tuple(trailing))
+    message = error.message
+    if error.param and error.param not in message:  # a status message always names the field
+        message = f"{error.param}: {message}"
+    await context.abort(error.kind.grpc_code, message, trailing_metadata=tuple(trailing))
     raise AssertionError("context.abort returned")  # pragma: no cover

@@ -89,7 +89,9 @@ def test_cancellation_storm_frees_every_block_and_lease_then_serves_at_once(mode
     """64 streams of 240 tokens whose clients give up after 0.5 s: every worker is idle with every
     block free and no lease within the bound, and a fresh request is then served at once."""
     ledger = Ledger()
-    with live_router(model_dir, roles=DISAGGREGATED, **BIG_CACHE) as live:
+    # A short KV transfer deadline: a p2p sender whose receiver was cancelled after it answered can hold
+    # the pair for that long (docs/RELIABILITY.md, known limits); the fresh request's bound covers it.
+    with live_router(model_dir, roles=DISAGGREGATED, transfer_timeout_s=STORM_TRANSFER_TIMEOUT_S, **BIG_CACHE) as live:
         bodies = [completion(p, 240) for p in prompts(STORM, seed=1)]
 
         async def storm() -> list[str]:
@@ -122,11 +124,12 @@ def test_cancellation_storm_frees_every_block_and_lease_then_serves_at_once(mode
     assert ledger.kinds().get("cancelled") == STORM, ledger.kinds()  # every stream was still running at 0.5 s
     assert ledger.results["fresh"].kind == "ok"
     assert leaked == 0
-    assert fresh_s < 10.0  # spec: < 5 s; a 16-token request takes ~0.1 s idle, the bound allows a loaded box
+    assert fresh_s < 10.0  # spec: < 5 s; ~0.1 s idle; the bound allows a loaded box and a pair wedged for 4 s
 
 
 # -- test 2: a client that disconnects at each point of a request's life (disaggregated) ---------------
 
+STORM_TRANSFER_TIMEOUT_S = 4.0  # see test_cancellation_storm_...: bounds a wedged pair below the fresh bound
 FRESH_S = 5.0  # a fresh 8-token request after each case (~0.1 s idle; ~1.1 s with the 1 s KV delay)
 POINTS = ("queued", "prefill", "first_token", "mid_stream", "last_step")
 KV_DELAY_MS = 1000  # the prefill rank holds each KV send this long: the window of the kv_transfer point
