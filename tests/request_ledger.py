@@ -19,10 +19,14 @@ Outcome kinds (the text before the first ``:``; the rest says why):
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
 
 KINDS = ("ok", "wrong", "error", "cancelled", "raised", "hung")
 
@@ -86,6 +90,22 @@ class Ledger:
             p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
             parts.append(f"recovery p50 {statistics.median(ordered):.2f} s / p99 {p99:.2f} s")
         return ", ".join(parts)
+
+
+async def settle(consume: Awaitable[str], deadline_s: float, *, clean: tuple[type[Exception], ...] = ()) -> str:
+    """The outcome of ``consume`` (which returns one itself) run under its deadline: ``hung`` when the
+    deadline passes, ``error`` for a gRPC status or one of the ``clean`` exceptions, ``raised`` for
+    anything else (a bug of the client path, the router or the workers)."""
+    try:
+        return await asyncio.wait_for(consume, deadline_s)
+    except TimeoutError:
+        return "hung"
+    except grpc.aio.AioRpcError as exc:
+        return f"error: {exc.code().name}: {exc.details()}"
+    except clean as exc:
+        return f"error: {exc}"
+    except Exception as exc:
+        return f"raised: {type(exc).__name__}: {exc}"
 
 
 def report(name: str, line: str) -> None:

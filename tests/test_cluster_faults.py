@@ -47,7 +47,7 @@ import grpc
 import pytest
 import ray
 import torch
-from request_ledger import Ledger, Result
+from request_ledger import Ledger, Result, settle
 
 from k2serve.cluster.config import ClusterConfig, RaySettings
 from k2serve.cluster.controller_handle import ControllerHandle
@@ -258,16 +258,7 @@ async def _request(
                 return "ok"
         return f"wrong: the stream ended without a finish reason after {tokens}"
 
-    try:
-        outcome = await asyncio.wait_for(consume(), REQUEST_DEADLINE_S)
-    except TimeoutError:
-        outcome = "hung"
-    except grpc.aio.AioRpcError as exc:
-        outcome = f"error: {exc.code().name}: {exc.details()}"
-    except NoWorkerError as exc:
-        outcome = f"error: {exc}"
-    except Exception as exc:  # anything else is a bug of the router or the workers
-        outcome = f"raised: {type(exc).__name__}: {exc}"
+    outcome = await settle(consume(), REQUEST_DEADLINE_S, clean=(NoWorkerError,))
     result = Result(request_id, outcome, list(tokens), time.monotonic() - started)
     ledger.record(result)
     return result

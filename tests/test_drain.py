@@ -44,7 +44,7 @@ import pytest
 import ray
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from request_ledger import Ledger, Result, report
+from request_ledger import Ledger, Result, report, settle
 from serve_process import ServeProcess
 
 from k2serve.cluster.config import ClusterConfig, RaySettings
@@ -419,14 +419,7 @@ async def _generate(
                 return "ok" if tokens == expected else f"wrong: {tokens} instead of {expected}"
         return "wrong: the stream ended without a finish reason"
 
-    try:
-        outcome = await asyncio.wait_for(consume(), STREAM_DEADLINE_S)
-    except TimeoutError:
-        outcome = "hung"
-    except grpc.aio.AioRpcError as exc:
-        outcome = f"error: {exc.code().name}: {exc.details()}"
-    except Exception as exc:
-        outcome = f"raised: {type(exc).__name__}: {exc}"
+    outcome = await settle(consume(), STREAM_DEADLINE_S)
     first.set()
     return ledger.record(Result(request_id, outcome, tokens, time.monotonic() - started)), time.monotonic()
 
@@ -568,14 +561,7 @@ async def _through_router(
                 return "ok" if tokens == expected else f"wrong: {tokens} instead of {expected}"
         return "wrong: the stream ended without a finish reason"
 
-    try:
-        outcome = await asyncio.wait_for(consume(), STREAM_DEADLINE_S)
-    except TimeoutError:
-        outcome = "hung"
-    except grpc.aio.AioRpcError as exc:
-        outcome = f"error: {exc.code().name}: {exc.details()}"
-    except Exception as exc:
-        outcome = f"raised: {type(exc).__name__}: {exc}"
+    outcome = await settle(consume(), STREAM_DEADLINE_S)
     first.set()
     return ledger.record(Result(request_id, outcome, tokens, time.monotonic() - started)), time.monotonic()
 

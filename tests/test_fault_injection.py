@@ -35,7 +35,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from request_ledger import Ledger, Result, report
+from request_ledger import Ledger, Result, report, settle
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.router.dispatcher import Dispatcher
@@ -251,16 +251,7 @@ async def _request(
                 return "ok"
         return f"wrong: the stream ended without a finish reason after {tokens}"
 
-    try:
-        outcome = await asyncio.wait_for(consume(), REQUEST_DEADLINE_S)
-    except TimeoutError:
-        outcome = "hung"
-    except grpc.aio.AioRpcError as exc:
-        outcome = f"error: {exc.code().name}: {exc.details()}"
-    except NoWorkerError as exc:
-        outcome = f"error: {exc}"
-    except Exception as exc:  # anything else is a bug of the router or the workers
-        outcome = f"raised: {type(exc).__name__}: {exc}"
+    outcome = await settle(consume(), REQUEST_DEADLINE_S, clean=(NoWorkerError,))
     return ledger.record(Result(request_id, outcome, list(tokens), time.monotonic() - started))
 
 

@@ -34,7 +34,7 @@ import grpc
 import httpx
 import pytest
 import torch
-from request_ledger import Ledger, Result, report
+from request_ledger import Ledger, Result, report, settle
 from router_fixtures import LiveRouter, live_router
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
@@ -181,14 +181,7 @@ async def _request(
                 return "ok" if tokens == expected else f"wrong: {tokens} instead of {expected}"
         return f"wrong: the stream ended without a finish reason after {tokens}"
 
-    try:
-        outcome = await asyncio.wait_for(consume(), REQUEST_DEADLINE_S)
-    except TimeoutError:
-        outcome = "hung"
-    except grpc.aio.AioRpcError as exc:
-        outcome = f"error: {exc.code().name}: {exc.details()}"
-    except Exception as exc:  # anything else is a bug of the router or the workers
-        outcome = f"raised: {type(exc).__name__}: {exc}"
+    outcome = await settle(consume(), REQUEST_DEADLINE_S)
     result = ledger.record(Result(request_id, outcome, list(tokens), time.monotonic() - started))
     return result, (usage[-1] if usage else None)
 
