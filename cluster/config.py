@@ -22,6 +22,7 @@ Shape of the file (every section but ``model`` and ``pools`` is optional)::
     health:      {interval_s: 5, timeout_s: 3, failures: 3, start_timeout_s: 900}
     restart:     {max_restarts: 5, backoff_initial_s: 1, backoff_max_s: 60, reset_after_s: 600}
     metrics:     {worker_port: 0, controller_port: 0}   # /metrics of each rank and the controller (0 = any port)
+    autoscaler:  {enabled: false, ...}   # queue-aware pool scaling: see autoscaler_settings.py
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Literal, cast
 
 import yaml
 
+from k2serve.cluster.autoscaler_settings import AutoscalerSettings, read_autoscaler
 from k2serve.cluster.config_error import ClusterConfigError
 from k2serve.cluster.config_reader import ConfigReader
 from k2serve.cluster.pool_config import PoolConfig, read_pool
@@ -126,6 +128,7 @@ class ClusterConfig:
     health: HealthSettings = HealthSettings()
     restart: RestartSettings = RestartSettings()
     metrics: MetricsSettings = MetricsSettings()
+    autoscaler: AutoscalerSettings = dataclasses.field(default_factory=AutoscalerSettings)
 
     @property
     def served_model_name(self) -> str:
@@ -167,6 +170,7 @@ class ClusterConfig:
             health=_read_health(root.section("health")),
             restart=_read_restart(root.section("restart")),
             metrics=_read_metrics(root.section("metrics")),
+            autoscaler=read_autoscaler(root.section("autoscaler"), tuple(p.name for p in pools)),
         )
         root.finish()
         return config

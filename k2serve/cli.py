@@ -222,6 +222,12 @@ def _add_pools(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_pools_parser(sub)
 
 
+def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from k2serve.plan import add_plan_parser  # light: arithmetic only
+
+    add_plan_parser(sub)
+
+
 def _add_make_tiny_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "make-tiny-model",
@@ -261,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_serve(sub)
     _add_router(sub)
+    _add_plan(sub)
     return parser
 
 
