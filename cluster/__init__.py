@@ -7,6 +7,10 @@
   placement group, actors, start, health and stop; what each rank runs; back-off.
 - ``controller`` / ``controller_handle``: the ``Controller`` actor (desired vs live state) and its driver API.
 - ``registry`` / ``registry_client`` / ``worker_record``: the ``Registry.Watch`` gRPC stream of the live set.
+- ``autoscaler`` / ``autoscaler_settings`` / ``autoscaler_metrics``: the controller's queue-aware pool scaling
+  loop; ``metric_window`` / ``pool_signals`` (windowed signals per pool) and ``scale_policy`` (the decision);
+  ``raycluster_scaler``: the Kubernetes side (KubeRay worker-group replicas).
+- ``planner``: ``k2serve plan``'s roofline capacity planner (pure arithmetic).
 
 Ray is imported only inside this package (DESIGN.md §3).
 """

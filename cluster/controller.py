@@ -38,6 +38,7 @@ from typing import Any, Literal
 import ray
 from ray.exceptions import RayError
 
+from k2serve.cluster.autoscaler import Autoscaler, build_autoscaler
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_metrics import ControllerMetrics
 from k2serve.cluster.health_probe import HealthProbe
@@ -100,6 +101,7 @@ class Controller:
         self._wake: asyncio.Event | None = None
         self._closed = False
         self._drain_grace_s: dict[tuple[str, int], float] = {}
+        self._autoscaler: Autoscaler | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
@@ -114,6 +116,9 @@ class Controller:
             self._registry = await RegistryServer.start(self._board, host, self.config.registry.port)
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="controller-reconcile")
+            if self.config.autoscaler.enabled:
+                self._autoscaler = build_autoscaler(self.config, self, self.metrics.registry)
+                self._autoscaler.start()
         return self._registry.address
 
     async def shutdown(self, grace_s: float = 0.0) -> None:
@@ -121,6 +126,8 @@ class Controller:
         if self._closed:
             return
         self._closed = True
+        if self._autoscaler is not None:
+            await self._autoscaler.stop()
         self._kick()
         names = [name for s in self._slots.values() if s.group is not None for name in s.group.actor_names()]
         tasks = [t for t in [self._loop_task, *(s.task for s in self._slots.values())] if t is not None]
@@ -203,7 +210,44 @@ class Controller:
     # ---- operations ------------------------------------------------------------------------------------
 
     async def scale(self, pool: str, groups: int, grace_s: float = 30.0) -> dict[str, int]:
-        """Set ``pool``'s desired group count; removed groups are drained for ``grace_s``, then stopped."""
+        """Set ``pool``'s desired group count; removed groups are drained for ``grace_s``, then stopped.
+        The autoscaler (when on) counts this as a change: its cooldowns start now."""
+        if self._autoscaler is not None:
+            self._autoscaler.noted_external_change(pool)
+        return await self.apply_scale(pool, groups, grace_s)
+
+    async def autoscaler_decisions(self) -> list[dict[str, Any]]:
+        """The autoscaler's recent decisions, oldest first ([] when it is off)."""
+        return self._autoscaler.decisions() if self._autoscaler is not None else []
+
+    # ---- the autoscaler's view (autoscaler.PoolControl) -------------------------------------------------
+
+    def desired_groups(self) -> dict[str, int]:
+        return dict(self._desired)
+
+    def ready_groups(self) -> dict[str, int]:
+        out = dict.fromkeys(self._desired, 0)
+        for (pool, _), slot in self._slots.items():
+            out[pool] += slot.state == "ready" and not slot.removing
+        return out
+
+    def ready_ranks(self) -> list[WorkerRecord]:
+        return [r for r in self._records() if r.state == "ready"]
+
+    def group_hosts(self, pool: str, first_removed: int) -> list[str]:
+        """Hosts of the ranks of ``pool``'s groups from ``first_removed`` on (the ones a scale-down drops)."""
+        slots = [s for (name, index), s in self._slots.items() if name == pool and index >= first_removed]
+        return sorted({r.address.rsplit(":", 1)[0] for s in slots for r in s.records(self.config) if r.address})
+
+    async def wait_removed(self, pool: str, groups: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while any(name == pool and index >= groups for name, index in self._slots):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    async def apply_scale(self, pool: str, groups: int, grace_s: float = 30.0) -> dict[str, int]:
         if pool not in self._desired:
             raise ValueError(f"pool: no pool named {pool!r}; pools: {sorted(self._desired)}")
         if groups < 0:

@@ -74,6 +74,9 @@ class ControllerHandle:
     def drain(self, pool: str, group: int, grace_s: float = 30.0) -> bool:
         return bool(self._call("drain", pool, group, grace_s, timeout_s=grace_s + 3 * self.call_timeout_s))
 
+    def autoscaler_decisions(self) -> list[dict[str, Any]]:
+        return list(self._call("autoscaler_decisions"))
+
     def loads(self) -> dict[str, dict[str, Any]]:
         return dict(self._call("loads"))
 

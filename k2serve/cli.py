@@ -214,6 +214,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     from k2serve.bench_serve import add_bench_serve_parser  # light: option modules only
 
     add_bench_serve_parser(which)
+    from k2serve.bench_load_step import add_load_step_parser  # light: the cluster starts when it runs
+
+    add_load_step_parser(which)
 
 
 def _add_pools(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -205,7 +205,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("worker_id", "role", "waiting", "running", "kv_usage", "num_blocks", "free_blocks", "prefix_queries", "prefix_hits", "leases", "pinned_blocks", "ep_rank", "ep_size", "draining", "kv_bytes_sent", "kv_bytes_received", "kv_transfers_ok", "kv_transfers_failed", "handoffs_waiting", "handoff_waits", "engine_failed", "failure")
+    __slots__ = ("worker_id", "role", "waiting", "running", "kv_usage", "num_blocks", "free_blocks", "prefix_queries", "prefix_hits", "leases", "pinned_blocks", "ep_rank", "ep_size", "draining", "kv_bytes_sent", "kv_bytes_received", "kv_transfers_ok", "kv_transfers_failed", "handoffs_waiting", "handoff_waits", "engine_failed", "failure", "busy_seconds", "oldest_waiting_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,8 @@ class Load(_message.Message):
     HANDOFF_WAITS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FAILED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_WAITING_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     waiting: int
@@ -250,7 +252,9 @@ class Load(_message.Message):
     handoff_waits: int
     engine_failed: bool
     failure: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., prefix_queries: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transfers_ok: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., handoffs_waiting: _Optional[int] = ..., handoff_waits: _Optional[int] = ..., engine_failed: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
+    busy_seconds: float
+    oldest_waiting_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., prefix_queries: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transfers_ok: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., handoffs_waiting: _Optional[int] = ..., handoff_waits: _Optional[int] = ..., engine_failed: _Optional[bool] = ..., failure: _Optional[str] = ..., busy_seconds: _Optional[float] = ..., oldest_waiting_s: _Optional[float] = ...) -> None: ...
 
 class StartKvSendRequest(_message.Message):
     __slots__ = ("lease_id", "receiver_id")

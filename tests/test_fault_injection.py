@@ -83,10 +83,10 @@ def oracle(reference: KimiK2ForCausalLM, prompts: list[list[int]]) -> list[list[
 def test_a_fault_plan_parses_every_key_and_describes_itself_in_the_same_syntax() -> None:
     text = (
         "fail_forward_after=10, fail_forward_times=2,block_before_step=/tmp/hold,block_max_s=5,"
-        "kv_send_delay_ms=250,kv_drop_every=3,kv_corrupt_every=4,role=prefill"
+        "kv_send_delay_ms=250,kv_drop_every=3,kv_corrupt_every=4,role=prefill,step_ms_per_token=0.5"
     )
     plan = FaultPlan.parse(text)
-    assert plan == FaultPlan(10, 2, "/tmp/hold", 5.0, 250.0, 3, 4, "prefill")
+    assert plan == FaultPlan(10, 2, "/tmp/hold", 5.0, 250.0, 3, 4, "prefill", 0.5)
     assert plan.active and FaultPlan.parse(plan.describe()) == plan
     assert plan.applies_to("prefill") and not plan.applies_to("decode")
     for empty in ("", " ", ",,"):
@@ -106,6 +106,7 @@ def test_a_fault_plan_parses_every_key_and_describes_itself_in_the_same_syntax()
         ("kv_send_delay_ms=-5", "kv_send_delay_ms"),
         ("kv_drop_every=1.5", "kv_drop_every"),
         ("kv_corrupt_every=-2", "kv_corrupt_every"),
+        ("step_ms_per_token=-1", "step_ms_per_token"),
         ("role=router", "role"),
         ("kv_drop_prob=0.1", "kv_drop_prob"),
         ("kv_drop_every=2,kv_drop_every=3", "kv_drop_every"),

@@ -34,6 +34,7 @@ Disaggregated serving (prefill and decode on different ranks):
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -133,6 +134,10 @@ class Engine:
         # test-only fault hook (workers.fault_plan) run right before each forward pass: raising there
         # fails the step as a failed forward would
         self.before_forward: Callable[[], None] | None = None
+        # test/bench hook: emulated device time of a forward over this many tokens (fault_plan's
+        # step_ms_per_token), so that capacity scales with ranks on a machine without accelerators
+        self.device_delay: Callable[[int], None] | None = None
+        self.busy_s = 0.0  # seconds spent in steps that ran this rank's requests (utilization = its rate)
         self.num_steps = 0  # steps that ran the model here: forward passes, and empty steps in a group
         self._requests: dict[str, Request] = {}  # live children by id
         self._children: dict[str, list[str]] = {}  # parent id -> child ids
@@ -292,11 +297,15 @@ class Engine:
         try:
             if not self._group_runs(plan):
                 return outputs
+            started = time.monotonic()
             if self.before_forward is not None:
                 self.before_forward()
             self.observer.on_step(plan)
             logits = self._forward(plan)
+            if self.device_delay is not None:
+                self.device_delay(plan.num_batched_tokens)
             self.num_steps += 1
+            self.busy_s += time.monotonic() - started
         except GroupError as exc:
             self._fail_group(exc, outputs)
             raise

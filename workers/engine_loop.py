@@ -82,6 +82,8 @@ class EngineLoop:
         self._faults = faults if faults is not None and faults.active else None
         if self._faults is not None and self._faults.fails_forwards:
             engine.before_forward = self._faults.before_forward
+        if self._faults is not None and self._faults.emulates_device:
+            engine.device_delay = self._faults.device_delay
         self.failed_steps_in_a_row = 0
         self._failure_reported = False
         self._commands: list[_Add | _Call | str] = []

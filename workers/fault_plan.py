@@ -15,6 +15,8 @@
   ("injected fault: dropped");
 - ``kv_corrupt_every=K``: every K-th KV transfer this rank sends has one byte flipped on the wire
   after its checksum was computed (a receiver with checksums on fails it: "checksum mismatch");
+- ``step_ms_per_token=X``: every forward pass also sleeps X ms per scheduled token, as a device
+  would compute them: a rank with a known capacity (the autoscaler's load-step benchmark), or a slow rank.
 - ``role=prefill|decode|mixed``: the plan applies to ranks of that role only (default: every rank).
 
 Unknown keys, repeated keys and bad values raise ``ValueError`` naming the key.
@@ -58,6 +60,7 @@ class FaultPlan:
     kv_drop_every: int = 0  # 0 = never
     kv_corrupt_every: int = 0  # 0 = never
     role: str | None = None  # only ranks of this role (None: every rank)
+    step_ms_per_token: float = 0.0  # emulated device time per scheduled token (a slow rank; load tests)
 
     def __post_init__(self) -> None:
         if self.fail_forward_after is not None and self.fail_forward_after < 0:
@@ -71,6 +74,8 @@ class FaultPlan:
             raise ValueError("block_before_step: needs a file path")
         if not self.block_max_s > 0:
             raise ValueError(f"block_max_s: must be > 0, got {self.block_max_s}")
+        if not 0 <= self.step_ms_per_token <= 1000:
+            raise ValueError(f"step_ms_per_token: must be in [0, 1000], got {self.step_ms_per_token}")
         if not 0 <= self.kv_send_delay_ms <= 600_000:
             raise ValueError(f"kv_send_delay_ms: must be in [0, 600000], got {self.kv_send_delay_ms}")
         for name in ("kv_drop_every", "kv_corrupt_every"):
@@ -123,7 +128,7 @@ def _convert(key: str, raw: str) -> object:
             raise ValueError(f"{key}: needs a value")
         return raw
     try:
-        if key in ("block_max_s", "kv_send_delay_ms"):
+        if key in ("block_max_s", "kv_send_delay_ms", "step_ms_per_token"):
             return float(raw)
         return int(raw)
     except ValueError:
@@ -159,6 +164,14 @@ class FaultInjector:
     @property
     def blocks_steps(self) -> bool:
         return self.plan.block_before_step is not None
+
+    @property
+    def emulates_device(self) -> bool:
+        return self.plan.step_ms_per_token > 0
+
+    def device_delay(self, num_tokens: int) -> None:
+        """The engine's hook after a forward pass: sleep as a device would compute ``num_tokens``."""
+        time.sleep(num_tokens * self.plan.step_ms_per_token / 1000.0)
 
     def before_forward(self) -> None:
         """The engine's hook right before a forward pass; raises ``InjectedFault`` on the steps to fail."""

@@ -43,6 +43,7 @@ class RankCollector(Collector):
         yield counter("k2serve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)  # fmt: skip
         yield counter("k2serve_prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("k2serve_num_preemptions", "Requests preempted.", engine.scheduler.num_preemptions)
+        yield counter("k2serve_engine_busy_seconds", "Seconds in steps that ran this rank's requests (rate = utilization).", engine.busy_s)  # fmt: skip
         yield gauge("k2serve_engine_failed", "1 once this rank's engine failed (its expert-parallel group broke, or too many steps failed in a row).", float(engine.failure is not None))  # fmt: skip
         info = GaugeMetricFamily(
             "k2serve_cache_config_info", "The KV cache of this rank.", labels=["model_name", "block_size", "num_blocks"]

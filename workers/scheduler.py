@@ -84,6 +84,11 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def oldest_waiting_s(self, now: float) -> float:
+        """Age of the longest-waiting request (0 when none waits): the queue signal of the autoscaler."""
+        waiting = list(self._waiting)  # read from another thread: a copy, never a torn heap walk
+        return max((now - r.times.arrival for _, r in waiting), default=0.0)
+
     @property
     def num_running(self) -> int:
         return len(self.running)

@@ -265,6 +265,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             handoff_waits=self.metrics.kv.handoff_waits,
             engine_failed=engine.failure is not None,
             failure=engine.failure or "",
+            busy_seconds=engine.busy_s,
+            oldest_waiting_s=engine.scheduler.oldest_waiting_s(time.monotonic()),
         )
 
     # ---- RPCs ---------------------------------------------------------------------------------------------

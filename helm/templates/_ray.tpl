@@ -1,9 +1,11 @@
 {{/*
-Pod-level fields shared by the Ray head and the worker groups. Call with (dict "ctx" $ "group" <values>).
+Pod-level fields shared by the Ray head and the worker groups. Call with (dict "ctx" $ "group" <values>),
+plus "kubeApi" true for the head: with autoscaler.enabled its controller patches the RayCluster and
+needs the ServiceAccount token; no other pod gets it.
 */}}
 {{- define "k2serve.rayPodSpec" -}}
 serviceAccountName: {{ include "k2serve.serviceAccountName" .ctx }}
-automountServiceAccountToken: false
+automountServiceAccountToken: {{ and (default false .kubeApi) .ctx.Values.autoscaler.enabled }}
 terminationGracePeriodSeconds: {{ .group.terminationGracePeriodSeconds }}
 {{- with .ctx.Values.imagePullSecrets }}
 imagePullSecrets:
@@ -119,4 +121,40 @@ Call with (dict "ctx" $ "name" "prefill" "group" .Values.prefill).
         - name: dshm
           emptyDir: {medium: Memory, sizeLimit: {{ $g.shmSize }}}
         {{- include "k2serve.modelVolume" $ctx | nindent 8 }}
+{{- end }}
+
+{{/*
+Worker pods one expert-parallel group of a pool needs: ceil(epSize x gpusPerRank / gpusPerPod) on GPU
+pods, 1 on CPU pods (autoscaler.kubernetes.pods_per_group of the cluster YAML). Call with <pool values>.
+*/}}
+{{- define "k2serve.podsPerGroup" -}}
+{{- if and (gt (int .gpusPerPod) 0) (gt (float64 .pool.gpusPerRank) 0.0) }}
+{{- ceil (divf (mulf .pool.epSize .pool.gpusPerRank) .gpusPerPod) | int }}
+{{- else }}
+{{- 1 }}
+{{- end }}
+{{- end }}
+
+{{/*
+A pool's worker-group values as rendered, written to .out[.name] (a template returns only text): the
+values, except that with autoscaler.enabled minReplicas/maxReplicas are the autoscaler's min/max
+groups x pods per group, so KubeRay's bounds and the autoscaler's agree.
+Call with (dict "ctx" $ "name" "prefill" "out" $dict).
+*/}}
+{{- define "k2serve.workerGroupValues" -}}
+{{- $g := deepCopy (index .ctx.Values .name) }}
+{{- $a := .ctx.Values.autoscaler }}
+{{- if $a.enabled }}
+{{- $bounds := index $a.pools .name }}
+{{- if gt (int $bounds.minGroups) (int $bounds.maxGroups) }}
+{{- fail (printf "autoscaler.pools.%s: need minGroups <= maxGroups" .name) }}
+{{- end }}
+{{- if or (lt (int $g.pool.groups) (int $bounds.minGroups)) (gt (int $g.pool.groups) (int $bounds.maxGroups)) }}
+{{- fail (printf "%s.pool.groups (%v) must lie in autoscaler.pools.%s [minGroups, maxGroups]" .name $g.pool.groups .name) }}
+{{- end }}
+{{- $pods := int (include "k2serve.podsPerGroup" $g) }}
+{{- $_ := set $g "minReplicas" (mul $bounds.minGroups $pods) }}
+{{- $_ := set $g "maxReplicas" (mul $bounds.maxGroups $pods) }}
+{{- end }}
+{{- $_ := set .out .name $g }}
 {{- end }}
