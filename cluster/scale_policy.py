@@ -11,7 +11,8 @@ The model (``current`` is the desired group count, ``ready`` the groups serving 
 
 - prefill and colocated pools, work in busy group-seconds per second: ``W = utilization x ready``;
   backlog ``B = waiting x busy_s_per_request`` (0 while no request finished in the window); drain time
-  ``D = ttft_slo_s / 2``; ``needed = ceil((W + B / D) / target_utilization)``. Utilization saturates at
+  ``D = ttft_slo_s / 2``; ``needed = max(ceil(W / target_utilization), ceil(W + B / D))`` (the
+  target is headroom for steady work; a backlog only has to drain within D with every group busy). Utilization saturates at
   1 and hides demand beyond it, so the queue overrides: p90 TTFT above ``ttft_slo_s``, p90 queue wait
   above ``ttft_slo_s / 2`` or the oldest waiting request older than ``ttft_slo_s`` is a breach, and a
   breach asks for at least ``current + 1`` whatever W says (the planner that watched service time and
@@ -172,7 +173,9 @@ class ScalePolicy:
         backlog = s.waiting * s.busy_s_per_request if s.busy_s_per_request is not None else 0.0
         drain_s = st.ttft_slo_s / 2
         from_work = _ceil(work / st.target_utilization)
-        with_backlog = _ceil((work + backlog / drain_s) / st.target_utilization)
+        # the target utilization is headroom for steady work; a backlog only needs to be drained within
+        # D with every group busy (a request or two waiting at a low load is not a reason to grow)
+        with_backlog = max(from_work, _ceil(work + backlog / drain_s))
         needs = [_Need(with_backlog, "queue" if with_backlog > from_work else "utilization", False)]
         if s.ttft_p90_s is not None and s.ttft_p90_s > st.ttft_slo_s:
             needs.append(_Need(current + 1, "ttft_slo", True))

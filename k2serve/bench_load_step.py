@@ -118,6 +118,8 @@ class GroupSampler:
                         row[f"{s.labels['pool']}_ready"] = s.value
                     elif s.name == "k2serve_pool_groups_desired":
                         row[f"{s.labels['pool']}_desired"] = s.value
+                    elif s.name == "k2serve_autoscaler_decisions_total" and s.labels["direction"] != "hold" and s.value:
+                        row[f"{s.labels['pool']} {s.labels['direction']} ({s.labels['reason']})"] = s.value
             self.samples.append(row)
 
 
@@ -206,6 +208,7 @@ def summarize(
         per_phase.append({"rate": p["rate"], "requests": len(ttfts), "ttft_p90_s": _p90(ttfts)})
     after = [r["ttft"] for r in ok if settled_at is not None and settled_at + 5 <= r["t"] < phases[high]["end"]]
     end = groups[-1] if groups else {}
+    changes = {k: v for k, v in end.items() if k.endswith(")")}  # autoscaler decisions that changed a pool, by reason
     summary = {
         "requests": len(requests),
         "failed": len(requests) - len(ok),
@@ -213,6 +216,7 @@ def summarize(
         "prefill_groups_peak": peak,
         "prefill_groups_end": end.get("prefill_ready"),
         "decode_groups_peak": max((g.get("decode_ready", 0) for g in groups), default=0),
+        "scale_decisions": changes,
         "scale_up_settled_at_s": settled_at,
         "ttft_p90_after_settle_s": _p90(after),
         "ttft_slo_s": slo,

@@ -21,7 +21,7 @@ planner calls them for every candidate layout. The arithmetic is performance.md 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from k2serve.cluster.planner.hardware import Efficiency, Hardware
 from k2serve.cluster.planner.model_spec import ModelSpec
@@ -78,7 +78,7 @@ class DecodeEstimate:
     step_s: float
     itl_s: float
     tokens_per_s: float  # output tokens per second per GPU
-    binding: str  # hbm | compute | network | nvlink
+    binding: str  # hbm | compute | network | nvlink | kv_capacity (the batch is capped by KV room)
     bytes_read: float
 
 
@@ -147,13 +147,10 @@ def max_decode_batch(
             lo = mid
         else:
             hi = mid - 1
-    return decode_step(model, hw, eff, layout, lo, context)
-
-
-def decode_at_batch(
-    model: ModelSpec, hw: Hardware, eff: Efficiency, layout: RankLayout, context: float, batch: int
-) -> DecodeEstimate:
-    return decode_step(model, hw, eff, layout, batch, context)
+    best = decode_step(model, hw, eff, layout, lo, context)
+    if lo == cap < limit and decode_step(model, hw, eff, layout, lo + 1, context).itl_s <= itl_slo_s:
+        return replace(best, binding="kv_capacity")  # the ITL allows more: the KV room caps the batch
+    return best
 
 
 @dataclass(frozen=True)
