@@ -132,7 +132,9 @@ def _read_pools(r: ConfigReader, pool_names: tuple[str, ...]) -> dict[str, PoolS
         if name not in pool_names:
             raise ClusterConfigError(section.path, f"no such pool in this cluster (pools: {', '.join(pool_names)})")
         d = PoolScaling()
-        low = section.integer("min_groups", d.min_groups, minimum=0)
+        low = section.integer(
+            "min_groups", d.min_groups, minimum=1
+        )  # a pool with no group sends no signal: no scale from zero
         high = section.integer("max_groups", d.max_groups, minimum=1)
         if high < low:
             raise ClusterConfigError(section.where("max_groups"), f"must be >= min_groups ({low}), got {high}")

@@ -235,9 +235,14 @@ class Controller:
         return [r for r in self._records() if r.state == "ready"]
 
     def group_hosts(self, pool: str, first_removed: int) -> list[str]:
-        """Hosts of the ranks of ``pool``'s groups from ``first_removed`` on (the ones a scale-down drops)."""
-        slots = [s for (name, index), s in self._slots.items() if name == pool and index >= first_removed]
-        return sorted({r.address.rsplit(":", 1)[0] for s in slots for r in s.records(self.config) if r.address})
+        """Hosts only the ranks of ``pool``'s groups from ``first_removed`` on use (a scale-down frees them;
+        a host that also runs a kept group stays)."""
+
+        def hosts(removed: bool) -> set[str]:
+            slots = [s for (p, i), s in self._slots.items() if (p == pool and i >= first_removed) == removed]
+            return {r.address.rsplit(":", 1)[0] for s in slots for r in s.records(self.config) if r.address}
+
+        return sorted(hosts(removed=True) - hosts(removed=False))
 
     async def wait_removed(self, pool: str, groups: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -12,7 +12,6 @@ must finish with the oracle's tokens (a scale-down drains its group first), and 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 import urllib.request
@@ -22,10 +21,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from ray_faults import local_ray_with_faults
 
-from k2serve.cluster.config import ClusterConfig, RaySettings
+from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_handle import ControllerHandle
-from k2serve.cluster.ray_runtime import RayRuntime
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.tiny_model import make_tiny_model
 from k2serve.workers.greedy import greedy_generate
@@ -51,19 +50,8 @@ def oracle(model_dir: Path) -> dict[tuple[int, ...], list[int]]:
 
 @pytest.fixture(scope="module")
 def ray_with_device_time() -> Iterator[None]:
-    saved = os.environ.get("K2SERVE_FAULTS")
-    os.environ["K2SERVE_FAULTS"] = "step_ms_per_token=4"
-    runtime: RayRuntime | None = None
-    try:
-        runtime = RayRuntime.start(RaySettings(num_cpus=4, namespace=NAMESPACE))
+    with local_ray_with_faults("step_ms_per_token=4", NAMESPACE):
         yield
-    finally:
-        if runtime is not None:
-            runtime.shutdown()
-        if saved is None:
-            os.environ.pop("K2SERVE_FAULTS", None)
-        else:
-            os.environ["K2SERVE_FAULTS"] = saved
 
 
 def _config(model_dir: Path) -> ClusterConfig:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -595,22 +594,10 @@ RECOVERY_LIMIT_S = 90.0  # NOT_SERVING x health.failures rounds, backoff, a new 
 @pytest.fixture(scope="module")
 def ray_with_faults() -> Iterator[None]:
     """A local Ray started with ``K2SERVE_FAULTS`` in this process's environment (what its workers inherit)."""
-    from k2serve.cluster.config import RaySettings
-    from k2serve.cluster.ray_runtime import RayRuntime
+    from ray_faults import local_ray_with_faults
 
-    saved = os.environ.get("K2SERVE_FAULTS")
-    os.environ["K2SERVE_FAULTS"] = f"fail_forward_after={RAY_FAIL_AFTER}"
-    runtime: RayRuntime | None = None
-    try:
-        runtime = RayRuntime.start(RaySettings(num_cpus=4, namespace=RAY_NAMESPACE))
+    with local_ray_with_faults(f"fail_forward_after={RAY_FAIL_AFTER}", RAY_NAMESPACE):
         yield
-    finally:
-        if runtime is not None:
-            runtime.shutdown()
-        if saved is None:
-            os.environ.pop("K2SERVE_FAULTS", None)
-        else:
-            os.environ["K2SERVE_FAULTS"] = saved
 
 
 def _leaked_on_ranks(controller: Any) -> int:

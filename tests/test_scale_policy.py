@@ -74,6 +74,15 @@ def test_saturated_pool_with_a_growing_queue_scales_up_although_work_alone_would
     assert d.predicted == math.ceil(2.0 + 20.0 / 1.0)
 
 
+def test_one_waiting_request_at_low_load_does_not_add_a_group() -> None:
+    """The target utilization is headroom for steady work; a backlog only has to drain within
+    D = ttft_slo / 2 with every group busy (the first load-step run grew at 1 req/s without this)."""
+    quiet = prefill(groups=1, utilization=0.4, waiting=1, busy_s_per_request=0.38)  # 0.4 + 0.38 / 1 s < 1
+    check(policy().decide(quiet, now=0.0), "hold", 1, "steady")
+    behind = replace(quiet, waiting=3)  # 0.4 + 1.14 group-seconds per second: one group cannot drain it
+    assert policy().decide(behind, now=0.0).target == 2
+
+
 def test_old_waiting_requests_force_a_scale_up_when_nothing_has_finished() -> None:
     stuck = prefill(groups=2, utilization=1.0, waiting=12, busy_s_per_request=None, oldest_waiting_s=5.0)
     d = policy(target_utilization=1.0).decide(stuck, now=0.0)
