@@ -22,6 +22,9 @@ the placement groups and stops the registry. A group that failed for good stays 
 the registry and ``status()``) until the pool is scaled below it and back up. Worker ids are ``"{pool}-g{group}-r{rank}"`` and stay
 the same across restarts; addresses change.
 
+With ``autoscaler.enabled`` the controller also runs an ``Autoscaler`` (autoscaler.py) that reads the
+ranks' load and metrics and calls the same scale path; ``autoscaler_decisions()`` lists what it did.
+
 The controller runs in one asyncio event loop (a Ray async actor), so its state needs no locks;
 ``ControllerHandle`` (controller_handle.py) is the driver-side API.
 """

@@ -16,7 +16,7 @@ from k2serve.cluster.planner.calibration import load_calibration
 from k2serve.cluster.planner.hardware import GB, TB, TFLOP, Efficiency, hardware_preset
 from k2serve.cluster.planner.model_spec import MODEL_PRESETS, ModelSpec, from_model_config, model_preset
 from k2serve.cluster.planner.plan_report import plan_json, render_plan, render_validation
-from k2serve.cluster.planner.planner import DEFAULT_EP_SIZES, PlanRequest, Workload, plan
+from k2serve.cluster.planner.planner import DEFAULT_EP_SIZES, PlanRequest, Shape, Workload, plan
 from k2serve.cluster.planner.published import PUBLISHED, compare
 
 
@@ -84,7 +84,7 @@ def run_plan(args: argparse.Namespace) -> int:
     eff = load_calibration(args.calibration, hw, model.weights_fp8) if args.calibration else Efficiency()
     if args.overlap is not None:
         eff = Efficiency(**{**vars(eff), "overlap": args.overlap})
-    shapes = ("disaggregated", "colocated") if args.shape == "both" else (args.shape,)
+    shapes: tuple[Shape, ...] = ("disaggregated", "colocated") if args.shape == "both" else (args.shape,)
     workload = Workload(
         args.prompt_len, args.output_len, args.cached_fraction, args.ttft_slo, args.itl_slo, args.target_utilization
     )

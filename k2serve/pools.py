@@ -8,6 +8,7 @@ this to work from another process: ``k2serve cluster`` on a head node keeps it a
     k2serve pools status                      # one line per group: state, restarts, last error
     k2serve pools scale decode 3              # desired groups of the decode pool (drains removed ones)
     k2serve pools drain prefill 0             # drain a group and replace it with a fresh one
+    k2serve pools decisions                   # the autoscaler's recent decisions and why (docs/PLANNING.md)
 
 Exit status: 0 done, 1 the controller refused (unknown pool, group not ready), 2 bad flags.
 """
@@ -28,6 +29,8 @@ def run_pools(args: argparse.Namespace) -> int:
         controller = ControllerHandle.connect(args.namespace)
         if args.action == "status":
             answer: object = {"desired": controller.desired(), "groups": controller.status()}
+        elif args.action == "decisions":
+            answer = {"decisions": controller.autoscaler_decisions()[-args.last :]}
         elif args.action == "scale":
             answer = {"desired": controller.scale(args.pool, args.groups, grace_s=args.grace)}
         else:
@@ -52,6 +55,8 @@ def add_pools_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     scale = actions.add_parser("scale", help="set a pool's desired number of groups")
     scale.add_argument("pool")
     scale.add_argument("groups", type=int)
+    decisions = actions.add_parser("decisions", help="the autoscaler's recent decisions (empty when it is off)")
+    decisions.add_argument("--last", type=int, default=50, help="how many, newest last")
     drain = actions.add_parser("drain", help="drain one group and replace it")
     drain.add_argument("pool")
     drain.add_argument("group", type=int)
