@@ -200,7 +200,7 @@ class Autoscaler:
                     await self.resizer.grow(pool, target)  # pods first: the new group needs their GPUs
                 await self.control.apply_scale(pool, target, SCALE_DOWN_GRACE_S)
             else:
-                hosts = self.control.group_hosts(pool, target)
+                hosts = self.control.group_hosts(pool, target) if self.resizer is not None else []
                 await self.control.apply_scale(pool, target, SCALE_DOWN_GRACE_S)
                 if self.resizer is not None:
                     if not await self.control.wait_removed(pool, target, SCALE_DOWN_GRACE_S + 30.0):

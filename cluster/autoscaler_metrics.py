@@ -38,8 +38,6 @@ class AutoscalerMetrics:
         self._errors = Counter("k2serve_autoscaler_errors", "Resizes that failed.", ["pool"], registry=r)
         for pool in pools:
             self._errors.labels(pool)
-            for direction in ("up", "down"):
-                self._decisions.labels(pool, direction, "utilization")
 
     def observe(self, signals: PoolSignals, decision: ScaleDecision) -> None:
         pool = decision.pool

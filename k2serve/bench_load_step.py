@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,10 @@ READY_TIMEOUT_S = 240.0
 
 def add_load_step_parser(which: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = which.add_parser("load-step", help="autoscaler load step: low -> high -> low rate (docs/PLANNING.md)")
+    from k2serve.cli import demo_dir_default  # light: argparse only
+
     p.add_argument("--model", default=None, help="model folder (default: the serve --demo tiny model)")
+    p.add_argument("--demo-dir", default=demo_dir_default(), help="where the demo model is (written on first use)")
     p.add_argument("--rates", type=float, nargs="+", default=[1.0, 5.0, 1.0], help="req/s per phase")
     p.add_argument("--durations", type=float, nargs="+", default=[40.0, 100.0, 100.0], help="seconds per phase")
     p.add_argument("--prompt-words", type=int, default=100)
@@ -144,9 +146,8 @@ def _phase(args: argparse.Namespace, base_url: str, rate: float, duration: float
         random_input_len=args.prompt_words,
         random_output_len=args.output_tokens,
     )
-    options = replace(
-        BenchOptions(base_url=base_url, dataset=dataset, request_rates=(rate,), seed=seed, progress=False),
-        request_timeout_s=300.0,
+    options = BenchOptions(
+        base_url=base_url, dataset=dataset, request_rates=(rate,), seed=seed, request_timeout_s=300.0, progress=False
     )
     t0 = time.monotonic()
     (point,) = asyncio.run(run_sweep(options))
@@ -156,7 +157,9 @@ def _phase(args: argparse.Namespace, base_url: str, rate: float, duration: float
 def run_load_step(args: argparse.Namespace) -> int:
     if len(args.rates) != len(args.durations):
         raise ValueError("--rates and --durations: give one duration per rate")
-    model = Path(args.model) if args.model else _demo_model()
+    from k2serve.serve import demo_model  # ray loads with it: only when the command runs
+
+    model = Path(args.model) if args.model else demo_model(Path(args.demo_dir).expanduser())
     args.out.mkdir(parents=True, exist_ok=True)
     port, metrics_port = _free_port(), _free_port()
     config = args.out / "cluster.yaml"
@@ -251,9 +254,3 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _demo_model() -> Path:
-    from k2serve.serve import _demo_model as demo
-
-    return demo(Path("~/.cache/k2serve/demo-model").expanduser())

@@ -143,7 +143,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         if name == "serve":
             p.add_argument("model", nargs="?", help="model folder (one prefill and one decode group of EP=2)")
             p.add_argument("--demo", action="store_true", help="the tiny model, written to --demo-dir on first use")
-            p.add_argument("--demo-dir", default=os.environ.get("K2SERVE_DEMO_DIR", "~/.cache/k2serve/demo-tiny"))
+            p.add_argument("--demo-dir", default=demo_dir_default())
         p.add_argument("--config", type=Path, default=None, required=name == "cluster", help="cluster YAML")
         p.add_argument("--colocated", action="store_true", help="one colocated pool instead of prefill + decode")
         if name == "cluster":
@@ -257,6 +257,11 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--device", default="cpu")
     p.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
     p.set_defaults(func=_generate)
+
+
+def demo_dir_default() -> str:
+    """Where ``serve --demo`` (and ``bench load-step``) keep the tiny demo model."""
+    return os.environ.get("K2SERVE_DEMO_DIR", "~/.cache/k2serve/demo-tiny")
 
 
 def build_parser() -> argparse.ArgumentParser:

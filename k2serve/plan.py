@@ -9,6 +9,7 @@ JSON), and with ``--validate`` compares the model with published deployments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def run_plan(args: argparse.Namespace) -> int:
     model = _model(args)
     eff = load_calibration(args.calibration, hw, model.weights_fp8) if args.calibration else Efficiency()
     if args.overlap is not None:
-        eff = Efficiency(**{**vars(eff), "overlap": args.overlap})
+        eff = dataclasses.replace(eff, overlap=args.overlap)
     shapes: tuple[Shape, ...] = ("disaggregated", "colocated") if args.shape == "both" else (args.shape,)
     workload = Workload(
         args.prompt_len, args.output_len, args.cached_fraction, args.ttft_slo, args.itl_slo, args.target_utilization

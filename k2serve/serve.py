@@ -37,7 +37,7 @@ def resolve_config(args: argparse.Namespace) -> ClusterConfig:
     if getattr(args, "config", None):
         config = ClusterConfig.from_yaml(args.config)
     elif getattr(args, "demo", False):
-        config = ClusterConfig.demo(_demo_model(Path(args.demo_dir).expanduser()), colocated=args.colocated)
+        config = ClusterConfig.demo(demo_model(Path(args.demo_dir).expanduser()), colocated=args.colocated)
     elif getattr(args, "model", None):
         config = ClusterConfig.demo(Path(args.model), colocated=args.colocated)
     else:
@@ -58,7 +58,8 @@ def resolve_config(args: argparse.Namespace) -> ClusterConfig:
     return config
 
 
-def _demo_model(folder: Path) -> Path:
+def demo_model(folder: Path) -> Path:
+    """The tiny demo model in ``folder``, written there on first use."""
     if not (folder / "config.json").is_file():
         from k2serve.tiny_model import make_tiny_model
 

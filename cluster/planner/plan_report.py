@@ -6,6 +6,7 @@ Lifecycle: ``k2serve plan`` renders one result once (``render_plan`` or ``plan_j
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from k2serve.cluster.planner.planner import Layout, PlanResult, PoolPlan
@@ -88,8 +89,8 @@ def plan_json(result: PlanResult) -> dict[str, Any]:
         "model": req.model.name,
         "hardware": req.hardware.name,
         "gpus": req.gpus,
-        "workload": vars(req.workload) | {},
-        "efficiency": {k: v for k, v in vars(req.efficiency).items()},
+        "workload": asdict(req.workload),
+        "efficiency": asdict(req.efficiency),
         "layouts": [
             {
                 "shape": lay.shape,
