@@ -35,8 +35,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import ray
 from ray.exceptions import RayError
@@ -44,49 +43,19 @@ from ray.exceptions import RayError
 from k2serve.cluster.autoscaler import Autoscaler, build_autoscaler
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_metrics import ControllerMetrics
+from k2serve.cluster.group_slot import PUBLISHED_STATE, GroupSlot
 from k2serve.cluster.health_probe import HealthProbe
-from k2serve.cluster.pool_config import PoolConfig
 from k2serve.cluster.rank_plan import resolve_host
 from k2serve.cluster.registry import RegistryServer, WorkerBoard
 from k2serve.cluster.restart_policy import RestartPolicy
 from k2serve.cluster.worker_group import ACTOR_NAME_PREFIX, GroupStartError, WorkerGroup
-from k2serve.cluster.worker_record import WorkerRecord, WorkerState
+from k2serve.cluster.worker_record import WorkerRecord
 from k2serve.workers.metrics_endpoint import MetricsEndpoint
 
 logger = logging.getLogger(__name__)
 
-GroupState = Literal["pending", "starting", "ready", "draining", "stopping", "backoff", "failed"]
-_PUBLISHED: dict[GroupState, WorkerState] = {
-    "pending": "starting",
-    "starting": "starting",
-    "backoff": "starting",
-    "ready": "ready",
-    "draining": "draining",
-    "stopping": "stopping",
-    "failed": "failed",
-}
 STOP_TIMEOUT_S = 10.0  # on top of a grace period, for a stop/drain call to come back
 STOP_GRACE_S = 2.0  # a rank's stop: the group's ranks agree to leave their lockstep loop (after any drain)
-
-
-@dataclass
-class GroupSlot:
-    pool: PoolConfig
-    index: int
-    state: GroupState = "pending"
-    group: WorkerGroup | None = None
-    generation: int = 0
-    restarts: int = 0
-    failures: int = 0  # consecutive unhealthy health rounds
-    retry_at: float = 0.0
-    ready_since: float = 0.0
-    last_error: str = ""
-    removing: bool = False  # above the desired count: drained, stopped, then dropped
-    task: asyncio.Task[None] | None = None
-
-    def records(self, config: ClusterConfig) -> list[WorkerRecord]:
-        group = self.group or WorkerGroup(config, self.pool, self.index, self.generation)
-        return group.records(_PUBLISHED[self.state])
 
 
 class Controller:
@@ -452,7 +421,9 @@ class Controller:
     async def _publish(self) -> None:
         if not self._closed:
             slots = self._slots.values()
-            self.metrics.observe(self._desired, ((s.pool.name, _PUBLISHED[s.state], s.pool.ep_size) for s in slots))
+            self.metrics.observe(
+                self._desired, ((s.pool.name, PUBLISHED_STATE[s.state], s.pool.ep_size) for s in slots)
+            )
             await self._board.publish(self._records())
 
     async def _forget(self, group: WorkerGroup) -> None:
