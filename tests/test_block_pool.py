@@ -24,6 +24,16 @@ def test_every_block_is_handed_out_exactly_once() -> None:
     pool.check_invariants()
 
 
+def test_allocation_is_ascending_so_a_freed_table_comes_back_as_one_run() -> None:
+    pool = BlockPool(8, 4)
+    assert pool.allocate(3) == [0, 1, 2]
+    table = pool.allocate(5)
+    assert table == [3, 4, 5, 6, 7]
+    pool.free(reversed(table))  # a table is freed tail first: the free queue holds 7, 6, 5, 4, 3
+    assert pool.allocate(5) == [3, 4, 5, 6, 7]  # consecutive ids: contiguous pages, a zero-copy KV transfer
+    pool.check_invariants()
+
+
 def test_allocate_and_free_track_reference_counts() -> None:
     pool = BlockPool(8, 4)
     a, b = pool.allocate(2)

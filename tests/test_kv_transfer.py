@@ -240,6 +240,10 @@ from k2serve.workers.kv_transfer import CacheKvSink
 from k2serve.workers.kv_transport_p2p import P2pKvClient
 
 class StallingSink(CacheKvSink):
+    @property
+    def pages(self):
+        return None  # staged: every layer goes through write()
+
     def write(self, layer, first_token, rows):
         if layer == 1:
             print("stalled", flush=True)

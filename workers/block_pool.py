@@ -120,7 +120,11 @@ class BlockPool:
     # ---- allocation ------------------------------------------------------------------------------
 
     def allocate(self, num_blocks: int) -> list[int]:
-        """``num_blocks`` fresh blocks with ref count 1: uncached free blocks first, then LRU evictions."""
+        """``num_blocks`` fresh blocks with ref count 1: uncached free blocks first, then LRU evictions.
+
+        Returned in ascending id order (the set does not depend on it): a fresh or recently freed pool
+        then gives a request consecutive ids, i.e. contiguous pages, which a KV transfer moves without
+        a copy (``kv_segments``); block tables are freed tail first, so they come back descending."""
         if num_blocks < 0:
             raise BlockPoolError(f"cannot allocate {num_blocks} blocks")
         if num_blocks > self.num_free_blocks:
@@ -130,6 +134,7 @@ class BlockPool:
             block = self._free_uncached.popleft() if self._free_uncached else self._evict_oldest()
             self._ref_counts[block] = 1
             blocks.append(block)
+        blocks.sort()
         return blocks
 
     def incref(self, block_ids: Iterable[int]) -> None:

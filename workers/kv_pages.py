@@ -1,12 +1,15 @@
 """The rows of one request in the paged KV cache, and the layout of what a KV transfer moves.
 
 ``KvLayout``: ``num_layers`` tensors of [num_tokens, row_dim] in one dtype (row_dim = kv_lora_rank +
-qk_rope_head_dim, 576 for Kimi K2). ``CacheKvSource`` / ``CacheKvSink`` read and write those rows in
-a paged cache ``kv_cache[layer]`` of [num_blocks, block_size, row_dim], where token t is row
-``t % block_size`` of block ``block_ids[t // block_size]``. Whole blocks move in one
-``index_select`` / ``index_copy_`` over the blocks seen as int64 words (memcpy speed whatever the
-dtype). Rows of a partly covered block move as slices. ``BufferPool`` keeps layer-sized buffers for
-reuse across transfers; ``raw_bytes`` / ``crc32`` give a tensor's little-endian bytes and their CRC32.
+qk_rope_head_dim, 576 for Kimi K2). ``PagedRows`` are those rows in a paged cache ``kv_cache[layer]``
+of [num_blocks, block_size, row_dim], where token t is row ``t % block_size`` of block
+``block_ids[t // block_size]``: gathered into or scattered from a contiguous [n, row_dim] tensor
+(whole blocks in one ``index_select`` / ``index_copy_`` over the blocks seen as int64 words, memcpy
+speed whatever the dtype; rows of a partly covered block as slices), or seen in place, a run of
+consecutive blocks at a time (``segment``: what the p2p transport sends from and receives into
+without a copy, see ``kv_segments``). ``CacheKvSource`` / ``CacheKvSink`` are a transfer's source and
+sink over ``PagedRows``. ``BufferPool`` keeps layer-sized buffers for reuse across transfers;
+``raw_bytes`` / ``crc32`` give a tensor's little-endian bytes and their CRC32.
 
 Lifecycle: a source or sink is built per transfer, over blocks that the caller keeps pinned until
 the transfer ends; it owns nothing.
@@ -14,14 +17,19 @@ the transfer ends; it owns nothing.
 
 from __future__ import annotations
 
+import array
 import threading
 import zlib
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from types import MappingProxyType
 from typing import Protocol
 
 import torch
+
+from k2serve.workers.kv_segments import Runs, Segment, runs_from_breaks
 
 # Wire names of the cache dtypes (the KvHandle's ``dtype``) and their codes in the p2p header.
 DTYPE_NAMES = MappingProxyType({torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"})
@@ -79,17 +87,28 @@ class KvLayout:
 class KvSource(Protocol):
     """Where a sender reads rows. ``layer(i)`` is a contiguous [num_tokens, row_dim] tensor on ``device``,
     a copy the caller may keep while the cache changes: ``out`` (contiguous [num_tokens, row_dim]) when
-    given, else a fresh tensor."""
+    given, else a fresh tensor.
+
+    ``ready(layer, timeout_s)`` blocks until the rows of ``layer`` are final and may be read (layer -1:
+    until the source's blocks are known): True when ready, False once ``timeout_s`` passed first (the
+    caller checks its cancel flag and deadline, and asks again); it raises ``TransferError`` when they
+    never will be (the prefill failed). A sender calls ``ready(i)`` before it reads layer i.
+
+    A source may also expose ``pages`` (``PagedRows``, read only after ``ready(-1)``): the p2p transport
+    then sends runs of consecutive blocks straight from the cache (``paged_rows``)."""
 
     @property
     def layout(self) -> KvLayout: ...
     @property
     def device(self) -> torch.device: ...
+    def ready(self, layer: int, timeout_s: float) -> bool: ...
     def layer(self, index: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class KvSink(Protocol):
-    """Where a receiver writes rows: ``rows`` [n, row_dim] are tokens [first_token, first_token + n) of ``layer``."""
+    """Where a receiver writes rows: ``rows`` [n, row_dim] are tokens [first_token, first_token + n) of ``layer``.
+    A sink may also expose ``pages`` (``PagedRows``): the p2p transport then receives runs of consecutive
+    blocks straight into the cache, without calling ``write`` for them (``paged_rows``)."""
 
     @property
     def layout(self) -> KvLayout: ...
@@ -108,7 +127,7 @@ def slot_mapping(block_ids: Sequence[int], num_tokens: int, block_size: int, dev
     return (blocks[tokens // block_size] * block_size + tokens % block_size).to(device)
 
 
-def _check_cache(kv_cache: Sequence[torch.Tensor], block_ids: Sequence[int]) -> tuple[int, int, int]:
+def _check_cache(kv_cache: Sequence[torch.Tensor]) -> tuple[int, int, int]:
     """-> (num_blocks, block_size, row_dim); every layer [num_blocks, block_size, row_dim], same dtype/device."""
     if not kv_cache:
         raise ValueError("kv_cache: no layers")
@@ -121,10 +140,21 @@ def _check_cache(kv_cache: Sequence[torch.Tensor], block_ids: Sequence[int]) -> 
         if not layer.is_contiguous():
             raise ValueError(f"kv_cache[{i}]: must be contiguous")
     num_blocks, block_size, row_dim = first.shape
-    bad = [b for b in block_ids if not 0 <= b < num_blocks]
-    if bad:
-        raise ValueError(f"block_ids: {bad[:4]} outside [0, {num_blocks})")
     return num_blocks, block_size, row_dim
+
+
+def _block_tensor(block_ids: Sequence[int], num_blocks: int) -> torch.Tensor:
+    """[n] int64 on the CPU (through an array: 3× faster than torch.tensor of a list); every id in range."""
+    try:
+        host = torch.frombuffer(array.array("q", block_ids), dtype=torch.int64) if block_ids else torch.empty(0)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"block_ids: expected ints in [0, {num_blocks}): {exc}") from exc
+    if len(block_ids):
+        lo, hi = (int(v) for v in torch.aminmax(host))
+        if lo < 0 or hi >= num_blocks:
+            bad = [b for b in block_ids if not 0 <= b < num_blocks]
+            raise ValueError(f"block_ids: {bad[:4]} outside [0, {num_blocks})")
+    return host
 
 
 def _as_words(cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,19 +168,46 @@ def _as_words(cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, 
         return flat_cache, flat_blocks
 
 
-class _PagedRows:
+class PagedRows:
     """The rows of one request in the paged cache, tokens [0, num_tokens): whole blocks, then the rows of
     the last, partly filled block. Token t is row t % block_size of block block_ids[t // block_size]."""
 
     def __init__(self, kv_cache: Sequence[torch.Tensor], block_ids: Sequence[int], num_tokens: int) -> None:
-        _, self.block_size, row_dim = _check_cache(kv_cache, block_ids)
+        num_blocks, self.block_size, row_dim = _check_cache(kv_cache)
+        self.layout = KvLayout(len(kv_cache), num_tokens, row_dim, kv_cache[0].dtype)
         needed = -(-num_tokens // self.block_size)
         if len(block_ids) < needed:
             raise ValueError(f"block_ids: {num_tokens} tokens need {needed} blocks of {self.block_size}")
         self.kv = list(kv_cache)  # [L] of [num_blocks, block_size, D]
-        self.layout = KvLayout(len(kv_cache), num_tokens, row_dim, kv_cache[0].dtype)
         self.block_ids = list(block_ids[:needed])
-        self.blocks = torch.tensor(self.block_ids, dtype=torch.int64, device=kv_cache[0].device)  # [blocks]
+        host = _block_tensor(self.block_ids, num_blocks)  # [blocks]
+        self.blocks = host.to(kv_cache[0].device)
+        breaks = torch.nonzero(host[1:] != host[:-1] + 1).flatten().tolist()  # block j + 1 does not follow j
+        self.runs: Runs = runs_from_breaks(breaks, num_tokens, self.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv[0].device
+
+    def slot(self, token: int) -> int:
+        """Token ``token``'s row in ``kv_cache[layer].view(-1, row_dim)``."""
+        return self.block_ids[token // self.block_size] * self.block_size + token % self.block_size
+
+    def segment_rows(self, segments: Sequence[Segment]) -> list[int]:
+        """The first cache row of every segment; ValueError if one is not inside one run of these blocks."""
+        ends = list(accumulate(self.runs))  # token after each run
+        rows = []
+        for seg in segments:
+            run = bisect_right(ends, seg.first)  # the run holding token seg.first
+            if not (0 <= seg.first and seg.count > 0 and run < len(ends) and seg.first + seg.count <= ends[run]):
+                raise ValueError(f"segment [{seg.first}, {seg.first + seg.count}): not one run of these blocks")
+            rows.append(self.slot(seg.first))
+        return rows
+
+    def segment(self, layer: int, first_row: int, count: int) -> torch.Tensor:
+        """[count, D] rows of ``layer`` from cache row ``first_row`` on: a contiguous view, no copy."""
+        cache = self.kv[layer]
+        return cache.view(-1, cache.shape[-1])[first_row : first_row + count]
 
     def gather(self, layer: int, out: torch.Tensor) -> None:
         """out [N, D] <- the request's rows of ``layer``."""
@@ -183,11 +240,11 @@ class _PagedRows:
             cache[self.block_ids[t // bs], : end - t].copy_(rows[t - first_token :])
 
 
-class _PagedView:
-    """A request's rows in the paged cache: ``layout`` and ``device`` of a source or a sink."""
+class _PagedSide:
+    """What a source and a sink over one request's ``PagedRows`` share."""
 
     def __init__(self, kv_cache: Sequence[torch.Tensor], block_ids: Sequence[int], num_tokens: int) -> None:
-        self._rows = _PagedRows(kv_cache, block_ids, num_tokens)
+        self._rows = PagedRows(kv_cache, block_ids, num_tokens)
 
     @property
     def layout(self) -> KvLayout:
@@ -195,11 +252,24 @@ class _PagedView:
 
     @property
     def device(self) -> torch.device:
-        return self._rows.kv[0].device
+        return self._rows.device
 
 
-class CacheKvSource(_PagedView):
-    """Reads a request's rows out of the paged cache, whole blocks at a time."""
+class CacheKvSource(_PagedSide):
+    """Reads a request's rows out of the paged cache, whole blocks at a time; the p2p transport sends runs
+    of consecutive blocks straight from ``pages``.
+
+    Every page access goes through the ``pages`` property. A subclass that learns its blocks only later
+    (a prefill still running) overrides ``pages`` (read only after ``ready(-1)`` returned True), ``ready``
+    (this one is always ready), and ``layout`` / ``device`` (needed before ``ready(-1)``); it need not
+    call ``__init__``."""
+
+    @property
+    def pages(self) -> PagedRows:
+        return self._rows
+
+    def ready(self, layer: int, timeout_s: float) -> bool:
+        return True
 
     def layer(self, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
         n, d = self.layout.num_tokens, self.layout.row_dim
@@ -207,12 +277,18 @@ class CacheKvSource(_PagedView):
             out = torch.empty(n, d, dtype=self.layout.dtype, device=self.device)
         elif out.shape != (n, d) or out.dtype != self.layout.dtype or not out.is_contiguous():
             raise ValueError(f"out: expected contiguous [{n}, {d}] {self.layout.dtype}, got {tuple(out.shape)}")
-        self._rows.gather(index, out)
+        self.pages.gather(index, out)
         return out  # [N, D]
 
 
-class CacheKvSink(_PagedView):
+class CacheKvSink(_PagedSide):
     """Writes rows into a request's blocks of the paged cache, whole blocks at a time where it can."""
+
+    @property
+    def pages(self) -> PagedRows | None:
+        """What the p2p transport receives runs of consecutive blocks into, without calling ``write``; a
+        subclass that must see every row through ``write`` returns None."""
+        return self._rows
 
     def write(self, layer: int, first_token: int, rows: torch.Tensor) -> None:
         layout, n = self.layout, rows.shape[0]
@@ -225,6 +301,15 @@ class CacheKvSink(_PagedView):
                 f"write: layer {layer} tokens [{first_token}, {first_token + n}) outside {layout.describe()}"
             )
         self._rows.scatter(layer, first_token, rows.to(self.device).contiguous())
+
+
+def paged_rows(side: object) -> PagedRows | None:
+    """The ``PagedRows`` a source or sink exposes as ``pages`` (a wrapper's ``pages`` may be a Cache
+    source or sink: its own pages are taken), or None: the side has no pages and is staged."""
+    pages = getattr(side, "pages", None)
+    if isinstance(pages, (CacheKvSource, CacheKvSink)):
+        pages = pages.pages
+    return pages if isinstance(pages, PagedRows) else None
 
 
 class BufferPool:

@@ -1,0 +1,198 @@
+"""``P2pKvReceiver``: the decode rank's side of one p2p KV transfer (the protocol is in
+``kv_transport_p2p``): it offers, waits for the answer, and receives every layer, straight into the
+sink's pages where the plan says so (``kv_segments``), else into pooled buffers it scatters from. Its
+posted receives go through a ``ReceiveFence``: once it is FAILED (``cancel()``, its own failure, or a
+``poll()`` past the deadline), none of them writes the sink any more.
+
+Lifecycle: built and started by ``P2pKvClient.start_receive``; one transfer (``KvTransfer``).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from k2serve.workers import kv_segments
+from k2serve.workers.kv_p2p_link import (
+    ACK_CHECKSUM,
+    ACK_OK,
+    STAGED_AHEAD,
+    P2pTransfer,
+    Tags,
+    TransferRejected,
+    header_values,
+    layout_json,
+    recv_from,
+    runs_json,
+    send_to,
+    withdraw,
+)
+from k2serve.workers.kv_pages import PagedRows, paged_rows
+from k2serve.workers.kv_pair_group import PairGroup, backend_kind
+from k2serve.workers.kv_receive_fence import FenceClosed, ReceiveFence
+from k2serve.workers.kv_segments import Plan
+from k2serve.workers.kv_transfer import KvReceiver, KvSink, TransferError, TransferState, WireTap, raw_bytes
+from k2serve.workers.parallel import Rendezvous
+
+if TYPE_CHECKING:
+    from k2serve.workers.kv_transport_p2p import P2pKvClient
+
+
+class P2pKvReceiver(P2pTransfer, KvReceiver):
+    def __init__(
+        self,
+        client: P2pKvClient,
+        transfer_id: str,
+        sender_id: str,
+        rendezvous: Rendezvous,
+        sink: KvSink,
+        checksum: bool,
+        timeout_s: float,
+        on_wire: WireTap | None,
+    ) -> None:
+        super().__init__("receiver", transfer_id, sink.layout, timeout_s)
+        self._client, self._sender_id, self._rendezvous = client, sender_id, rendezvous
+        self._sink, self._checksum, self._on_wire = sink, checksum, on_wire
+        self._fence = ReceiveFence(backend_kind(sink.device), peer_rank=0)
+        self._threads = client.threads
+
+    def poll(self) -> TransferState:
+        """As ``KvTransfer.poll``; a transfer reported FAILED has no receive left that may write its sink."""
+        state = super().poll()
+        if state is TransferState.FAILED:
+            self._fence.close()  # at once, and only if a receive is still posted (a cancel() in progress)
+        return state
+
+    def _on_cancel(self) -> None:
+        self._fence.drain()  # before the group goes: the thread may still finish its receives on it
+        super()._on_cancel()
+
+    def _run(self) -> None:
+        sid, keys = self._sender_id, f"kv/x/{self.transfer_id}"
+        kind = backend_kind(self._sink.device)
+        slot = self._client.slot(self._rendezvous, sid, kind)
+        if not slot.lock.acquire(timeout=self._remaining(f"waiting for the previous transfer from {sid}")):
+            raise self._timed_out(f"waiting for the previous transfer from {sid}")
+        try:
+            if slot.store is None:
+                left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
+                slot.store = self._client.connect_store(self._rendezvous, left)
+            cached = slot.usable()
+            pages = paged_rows(self._sink)
+            if pages is not None and pages.layout != self.layout:
+                pages = None
+            ours = kv_segments.advertised(pages.runs) if pages is not None else None
+            offer = {
+                "receiver": self._client.worker_id,
+                "cached": cached.prefix if cached is not None else "",
+                "layout": layout_json(self.layout),
+                "checksum": self._checksum,
+                "runs": runs_json(ours),
+            }
+            slot.store.queue_push(f"{keys}/offer", json.dumps(offer))
+            try:
+                answer = json.loads(
+                    self._await_answer(slot.store, f"{keys}/answer", f"waiting for sender {sid} to answer")
+                )
+            except TransferError:
+                withdraw(slot.store, f"{keys}/offer")
+                raise
+            if "error" in answer:
+                raise TransferRejected(str(answer["error"]))
+            group = cached if cached is not None and cached.prefix == answer["prefix"] else None
+            if group is None:
+                if slot.group is not None:
+                    slot.drop(slot.group, "replaced")
+                group = PairGroup(str(answer["prefix"]), kind)
+                slot.group = group
+                self._group = group
+                self._join(slot, group, 1, self._client.interface_host(self._rendezvous))
+            self._group = group
+            try:
+                theirs = kv_segments.parse_runs(answer.get("runs"), self.layout.num_tokens, "answer.runs")
+                plan = kv_segments.plan(theirs, ours, self.layout.num_tokens, self.layout.row_nbytes)
+                self._receive(int(answer["seq"]), plan, pages if plan.receiver_direct else None)
+            except TransferRejected:
+                raise  # both sides finished the protocol: the group is fine
+            except Exception as exc:  # e.g. the sink raised: the sender is still mid-protocol
+                self._fence.settle()  # no posted receive writes the sink once this transfer is FAILED
+                slot.drop(group, str(exc))
+                if isinstance(exc, FenceClosed):
+                    raise TransferError(self.error or "cancelled") from exc
+                raise
+        finally:
+            self._let_go()
+            slot.lock.release()
+
+    def _post_receive(self, what: str, target: torch.Tensor, tag: int) -> dist.Work:
+        group = self._group
+        if group is None or group.backend is None:
+            raise TransferError(f"{what}: no pair group")
+        backend = group.backend
+        return self._fence.post(backend, lambda: self._post(what, recv_from(0, target, tag)))
+
+    def _receive(self, seq: int, plan: Plan, pages: PagedRows | None) -> None:
+        layout, device, segments = self.layout, self._sink.device, plan.segments
+        tags = Tags(seq, layout.num_layers)
+        first_rows = pages.segment_rows(segments) if pages is not None else []
+        header = self._small([0] * 6, device)
+        header_work = self._post_receive("receiving the header", header, tags.header)
+        pool, n = self._client.buffers, layout.num_tokens
+        bases = (
+            [pool.take(n, layout.row_dim, layout.dtype, device) for _ in range(STAGED_AHEAD)] if pages is None else []
+        )
+        buffers = [base[:n] for base in bases]  # [N, D] each: staged layer i arrives in buffers[i % 2]
+
+        def post_layer(i: int) -> list[tuple[dist.Work, torch.Tensor]]:
+            if pages is not None:  # straight into the cache
+                targets = [pages.segment(i, row, seg.count) for row, seg in zip(first_rows, segments, strict=True)]
+            else:
+                buffer = buffers[i % STAGED_AHEAD]
+                targets = [buffer[seg.first : seg.first + seg.count] for seg in segments]
+            what = f"receiving layer {i}"
+            return [(self._post_receive(what, t, tags.message(i, j)), t) for j, t in enumerate(targets)]
+
+        ahead = layout.num_layers if pages is not None else STAGED_AHEAD
+        posted = {i: post_layer(i) for i in range(min(ahead, layout.num_layers))}  # with the header
+        self._wait_receive(header_work, "waiting for the header")
+        expected = header_values(layout, seq, plan)
+        if header.tolist() != expected:
+            raise TransferError(f"header mismatch: got {header.tolist()}, expected {expected}")  # breaks the group
+        self._begin_transferring()
+        crcs: list[int] = []
+        for i in range(layout.num_layers):
+            crc = 0
+            for work, rows in posted.pop(i):
+                self._wait_receive(work, f"receiving layer {i}")
+                if self._on_wire is not None:
+                    self._on_wire(i, rows)
+                if self._checksum:
+                    crc = zlib.crc32(raw_bytes(rows), crc)
+            crcs.append(crc)
+            if pages is None:
+                with self._data():
+                    self._sink.write(i, 0, buffers[i % STAGED_AHEAD])
+            self._add_bytes(layout.layer_nbytes)
+            if i + ahead < layout.num_layers:  # its buffer held layer i, now written
+                posted[i + ahead] = post_layer(i + ahead)
+        for base in bases:  # every receive has finished: nothing writes into them any more
+            pool.give(base)
+        verdict = [ACK_OK, -1]
+        if self._checksum:
+            sums = self._small([0] * layout.num_layers, device)
+            self._exchange("receiving checksums", recv_from(0, sums, tags.checksums))
+            bad = [i for i, (want, got) in enumerate(zip(sums.tolist(), crcs, strict=True)) if want != got]
+            if bad:
+                verdict = [ACK_CHECKSUM, bad[0]]
+        ack = self._small(verdict, device)
+        self._exchange("sending the acknowledgement", send_to(0, ack, tags.ack))
+        if verdict[0] == ACK_CHECKSUM:
+            raise TransferRejected(f"checksum mismatch in layer {verdict[1]}")
+
+    def _wait_receive(self, work: dist.Work, what: str) -> None:
+        self._wait(work, what)
+        self._fence.done(work)
