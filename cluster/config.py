@@ -15,6 +15,7 @@ Shape of the file (every section but ``model`` and ``pools`` is optional)::
     router:      {host: 127.0.0.1, port: 8000, grpc_port: 50051, policy: auto}
                  # + tls_cert, tls_key (PEM, both or neither), tls_ca (mutual TLS)
                  # + migration_limit: 3, stall_timeout_s: 30 (request migration; 0 = off)
+                 # + kv_push: true (the prefill rank pushes the KV to a decode rank picked first)
     ray:         {address: null, namespace: k2serve, num_cpus: null, detached: false, auth: token}
     network:     {interface_host: 127.0.0.1}   # or "node": each node's Ray IP address
     registry:    {port: 0}
@@ -60,6 +61,7 @@ class RouterSettings:
     max_body_bytes: int = 8 * 2**20  # REST bodies over this -> 413
     migration_limit: int = 3  # re-issues of a request whose rank failed mid-stream (0 = off)
     stall_timeout_s: float = 30.0  # a started stream silent this long counts as a dead rank (0 = off)
+    kv_push: bool = True  # decode rank picked before the prefill, which pushes the KV layer by layer (false = pull)
     # TLS of both listeners (PEM files): cert and key together; with a CA, clients need a certificate it
     # signed (mutual TLS). Router -> worker gRPC stays plaintext on network.interface_host.
     tls_cert: str | None = None
@@ -243,6 +245,7 @@ def _read_router(r: ConfigReader) -> RouterSettings:
         r.integer("max_body_bytes", d.max_body_bytes, minimum=1024),
         migration_limit=r.integer("migration_limit", d.migration_limit, minimum=0),
         stall_timeout_s=r.number("stall_timeout_s", d.stall_timeout_s, minimum=0.0),
+        kv_push=r.flag("kv_push", d.kv_push),
         tls_cert=r.optional_text("tls_cert"),
         tls_key=r.optional_text("tls_key"),
         tls_ca=r.optional_text("tls_ca"),

@@ -49,6 +49,12 @@ def _bench_kv_transfer(args: argparse.Namespace) -> int:
     return run_bench_kv_transfer(args)
 
 
+def _bench_handoff(args: argparse.Namespace) -> int:
+    from k2serve.bench_handoff import run_bench_handoff
+
+    return run_bench_handoff(args)
+
+
 def _bench_router(args: argparse.Namespace) -> int:
     from k2serve.bench_router import run_bench_router
 
@@ -193,6 +199,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     kv.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     kv.add_argument("--block-size", type=int, default=16)
     kv.add_argument("--threads", type=int, default=1, help="torch threads in each of the two processes")
+    kv.add_argument(
+        "--pages",
+        nargs="+",
+        choices=("contiguous", "shuffled"),
+        default=("contiguous", "shuffled"),
+        help="block ids of both sides: what a fresh pool allocates (contiguous) and a worst case (shuffled)",
+    )
     kv.add_argument("--timeout", type=float, default=120.0, help="seconds any one transfer may take")
     kv.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     kv.set_defaults(func=_bench_kv_transfer)
@@ -217,6 +230,14 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     from k2serve.bench_load_step import add_load_step_parser  # light: the cluster starts when it runs
 
     add_load_step_parser(which)
+    handoff = which.add_parser("handoff", help="time the KV handoff adds between token 1 and 2, pushed vs pulled")
+    handoff.add_argument("--model", required=True, help="model folder (e.g. from make-tiny-model --preset small)")
+    handoff.add_argument("--tokens", type=int, nargs="+", default=(512, 2048), help="prompt lengths")
+    handoff.add_argument("--reps", type=int, default=5, help="requests per mode and length (after 1 warm-up)")
+    handoff.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    handoff.add_argument("--seed", type=int, default=0)
+    handoff.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
+    handoff.set_defaults(func=_bench_handoff)
 
 
 def _add_pools(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -66,7 +66,12 @@ def build_frontend(model_dir: Path, settings: RouterSettings, max_model_len: int
 
 def router_dispatcher(settings: RouterSettings, policy: RoutingPolicy) -> Dispatcher:
     """The ``Dispatcher`` of a router with ``settings`` (migration and stall bounds) and ``policy``."""
-    return Dispatcher(policy=policy, migration_limit=settings.migration_limit, stall_timeout_s=settings.stall_timeout_s)
+    return Dispatcher(
+        policy=policy,
+        migration_limit=settings.migration_limit,
+        stall_timeout_s=settings.stall_timeout_s,
+        kv_push=settings.kv_push,
+    )
 
 
 def api_keys(flag_values: Sequence[str] | None) -> tuple[str, ...]:

@@ -107,7 +107,7 @@ class TokenDelta(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("lease_id", "prefill_worker_id", "prefill_address", "transfer_rendezvous", "transport", "num_tokens", "num_layers", "row_dim", "dtype", "lease_expires_unix_ms", "checksum", "lease_ttl_s")
+    __slots__ = ("lease_id", "prefill_worker_id", "prefill_address", "transfer_rendezvous", "transport", "num_tokens", "num_layers", "row_dim", "dtype", "lease_expires_unix_ms", "checksum", "lease_ttl_s", "pushed_to")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class KvHandle(_message.Message):
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_TO_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     prefill_worker_id: str
     prefill_address: str
@@ -132,23 +133,34 @@ class KvHandle(_message.Message):
     lease_expires_unix_ms: int
     checksum: bool
     lease_ttl_s: float
-    def __init__(self, lease_id: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., prefill_address: _Optional[str] = ..., transfer_rendezvous: _Optional[str] = ..., transport: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., row_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., checksum: _Optional[bool] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
+    pushed_to: str
+    def __init__(self, lease_id: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., prefill_address: _Optional[str] = ..., transfer_rendezvous: _Optional[str] = ..., transport: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., row_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., checksum: _Optional[bool] = ..., lease_ttl_s: _Optional[float] = ..., pushed_to: _Optional[str] = ...) -> None: ...
+
+class KvTarget(_message.Message):
+    __slots__ = ("worker_id", "address")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "cache_salt", "transport")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "cache_salt", "transport", "push_to")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     priority: int
     cache_salt: str
     transport: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
+    push_to: KvTarget
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., transport: _Optional[str] = ..., push_to: _Optional[_Union[KvTarget, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_logprobs", "finish_reason", "kv", "sampler_state", "usage")
@@ -269,6 +281,24 @@ class StartKvSendResponse(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     def __init__(self, transfer_id: _Optional[str] = ...) -> None: ...
+
+class AcceptKvRequest(_message.Message):
+    __slots__ = ("request_id", "kv", "max_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kv: KvHandle
+    max_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[KvHandle, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class AcceptKvResponse(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PullKvRequest(_message.Message):
     __slots__ = ("lease_id",)

@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=k2serve_dot_proto_dot_worker__pb2.PullKvRequest.SerializeToString,
                 response_deserializer=k2serve_dot_proto_dot_worker__pb2.KvChunk.FromString,
                 _registered_method=True)
+        self.AcceptKv = channel.unary_unary(
+                '/k2serve.worker.v1.Worker/AcceptKv',
+                request_serializer=k2serve_dot_proto_dot_worker__pb2.AcceptKvRequest.SerializeToString,
+                response_deserializer=k2serve_dot_proto_dot_worker__pb2.AcceptKvResponse.FromString,
+                _registered_method=True)
         self.ReleaseKv = channel.unary_unary(
                 '/k2serve.worker.v1.Worker/ReleaseKv',
                 request_serializer=k2serve_dot_proto_dot_worker__pb2.ReleaseKvRequest.SerializeToString,
@@ -137,6 +142,17 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcceptKv(self, request, context):
+        """Push (layer-wise) handoff, on a decode rank, called by the prefill rank a Prefill names in
+        push_to: reserve blocks for the request's prompt now (at once or never: no wait) and start
+        receiving its KV over p2p while the prefill still runs; the Decode that follows with the same
+        lease takes the received blocks over. accepted = false (no room, a waiting queue, wrong role or
+        transport) leaves the request to the ordinary pull.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseKv(self, request, context):
         """The decode side is done with a lease (success or not): the prefill side frees the blocks.
         """
@@ -189,6 +205,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PullKv,
                     request_deserializer=k2serve_dot_proto_dot_worker__pb2.PullKvRequest.FromString,
                     response_serializer=k2serve_dot_proto_dot_worker__pb2.KvChunk.SerializeToString,
+            ),
+            'AcceptKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptKv,
+                    request_deserializer=k2serve_dot_proto_dot_worker__pb2.AcceptKvRequest.FromString,
+                    response_serializer=k2serve_dot_proto_dot_worker__pb2.AcceptKvResponse.SerializeToString,
             ),
             'ReleaseKv': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseKv,
@@ -390,6 +411,33 @@ class Worker:
             '/k2serve.worker.v1.Worker/PullKv',
             k2serve_dot_proto_dot_worker__pb2.PullKvRequest.SerializeToString,
             k2serve_dot_proto_dot_worker__pb2.KvChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2serve.worker.v1.Worker/AcceptKv',
+            k2serve_dot_proto_dot_worker__pb2.AcceptKvRequest.SerializeToString,
+            k2serve_dot_proto_dot_worker__pb2.AcceptKvResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,11 @@ workers (``start_monitor`` adds their load reports, ``close`` closes every chann
 request ``generate`` picks the ranks and streams ``TokenEvent``s:
 - colocated pool: one ``Generate`` stream on the mixed rank the policy picks;
 - prefill + decode pools (any prefill or decode worker in the set): ``Prefill`` on a prefill rank
-  (the first token), then ``Decode`` on a decode rank with the returned ``KvHandle`` (the rest). A
+  (the first token), then ``Decode`` on a decode rank with the returned ``KvHandle`` (the rest).
+  With ``kv_push`` (default) the decode rank is picked first and named in the ``Prefill``
+  (``push_to``): the prefill rank pushes the KV to it layer by layer during its last forward, and
+  the ``Decode`` goes there (when the handle says the push was taken) and finds the KV in place;
+  otherwise, or on any retry, the decode rank pulls the KV after the prefill. A
   prefill that fails with UNAVAILABLE is retried on another prefill rank up to ``prefill_retries``
   times. A decode whose KV pull failed before any token (its prefill rank died or dropped the lease)
   is prefilled again on another prefill rank (``pull_retries`` times; the client keeps the first
@@ -76,6 +80,7 @@ class Dispatcher:
     pull_retries: int = 1  # a Decode whose KV pull failed re-prefills on another prefill rank; 0 = fail at once
     migration_limit: int = 3  # re-issues of one request after its rank failed; 0 = off
     stall_timeout_s: float = 30.0  # a started stream silent this long counts as a dead rank; 0 = off
+    kv_push: bool = True  # pick the decode rank first, so the prefill rank pushes the KV layer by layer
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # the index keeps its first block size
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (role, Pick.reason) -> picks, for metrics
     migrations: Counter[str] = field(default_factory=Counter)  # "ongoing" | "new" -> re-issued requests
@@ -251,8 +256,9 @@ class Dispatcher:
 
     async def _disaggregated(self, call: _Call, progress: RequestProgress) -> AsyncGenerator[TokenEvent, None]:
         request_id = call.request_id
+        target = self._pick("decode", call, progress.failed_ranks) if self.kv_push else None
         try:
-            prefill, first = await self._prefill(call, exclude=progress.failed_ranks)
+            prefill, first = await self._prefill(call, exclude=progress.failed_ranks, push_to=target)
         except grpc.aio.AioRpcError as exc:
             if not progress.sent:
                 raise
@@ -267,7 +273,10 @@ class Dispatcher:
             yield progress.first_event(first)  # a consumer that leaves here still gets the lease released
             while True:
                 cached_tokens = first.usage.cached_tokens  # the prefill rank's prefix-cache hit
-                decode = self._pick("decode", call, progress.failed_ranks)
+                decode = self._pushed_to(target, first.kv, progress) or self._pick(
+                    "decode", call, progress.failed_ranks
+                )
+                target = None  # a retry (another decode rank, a re-prefill) pulls
                 where = f"decode rank {decode.worker_id}"
                 decode_request = worker_pb2.DecodeRequest(
                     request_id=request_id,
@@ -323,8 +332,16 @@ class Dispatcher:
             if not handed_over:
                 await self._release(prefill, request_id)
 
+    def _pushed_to(
+        self, target: WorkerClient | None, handle: worker_pb2.KvHandle, progress: RequestProgress
+    ) -> WorkerClient | None:
+        """The decode rank the prefill rank pushed the KV to, while it is still live and unfailed."""
+        if target is None or handle.pushed_to != target.worker_id or target.worker_id in progress.failed_ranks:
+            return None
+        return target if self._workers.get(target.worker_id) is target else None
+
     async def _prefill(
-        self, call: _Call, exclude: Sequence[str] | set[str] = ()
+        self, call: _Call, exclude: Sequence[str] | set[str] = (), push_to: WorkerClient | None = None
     ) -> tuple[WorkerClient, worker_pb2.PrefillResponse]:
         request = worker_pb2.PrefillRequest(
             request_id=call.request_id,
@@ -332,6 +349,9 @@ class Dispatcher:
             sampling=call.sampling,
             cache_salt=call.cache_salt,
         )
+        if push_to is not None:
+            request.push_to.worker_id = push_to.worker_id
+            request.push_to.address = push_to.endpoint.address
         tried: list[str] = list(exclude)
         while True:
             prefill = self._pick("prefill", call, exclude=tried)

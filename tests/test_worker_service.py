@@ -239,7 +239,7 @@ def test_a_failed_kv_pull_is_prefilled_again_on_another_rank(
                 servers.append(await WorkerServer.start(rank, WorkerOptions(worker_id, role, lease_ttl_s=ttl)))  # type: ignore[arg-type]
             decode = servers[2]
             for retries in (1, 0):
-                dispatcher = Dispatcher(pull_retries=retries)
+                dispatcher = Dispatcher(pull_retries=retries, kv_push=False)  # the pull's failure path
                 await dispatcher.update(WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in servers)
                 failed_pulls = decode.metrics.kv.failed
                 finishes = []

@@ -15,6 +15,10 @@ has checked the role, the sampling and the handle. Each call goes through four s
 4. decode: the engine admits the request (``add_prefilled_request``, which takes the reservation
    over) and streams the tokens after the first.
 
+Pushed KV (``pushes``, kv_push_receiver.py): when the prefill rank already pushed the handle's KV
+here (``AcceptKv`` during its last forward), steps 2 and 3 become "wait for that receiver"; the
+lease is released as after a pull. A failed push falls back to steps 2 and 3.
+
 From the start of 2 to the end of 3 a ``LeaseHeartbeat`` renews the lease every third of its TTL; a
 lease found lost ends the call with UNAVAILABLE "prefill rank P: ...", as a failed pull does (the
 router's cue to prefill again elsewhere). A refusal at 1 or 2 leaves the lease to the caller (decode
@@ -43,6 +47,7 @@ from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.engine import Engine, RequestOutput
 from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.handoff_queue import HandoffAborted, HandoffQueue, HandoffTimeout
+from k2serve.workers.kv_push_receiver import PushReceiver
 from k2serve.workers.kv_transfer import CacheKvSink, KvReceiver, TransferState
 from k2serve.workers.kv_transfer_metrics import KvTransferMetrics
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver
@@ -88,22 +93,46 @@ class DecodeHandoff:
         self._channel_options = list(channel_options)
         self.queue = HandoffQueue(poll_s)
         self._undoing: set[asyncio.Task[None]] = set()  # reservations made for callers that left meanwhile
+        self._decoding: set[str] = set()  # request ids of the Decode calls running here
+        self.pushes = PushReceiver(
+            engine,
+            metrics,
+            p2p_client,
+            self._reserve,
+            self._cancel_reservation,
+            self._push_busy,
+            transfer_timeout_s=transfer_timeout_s,
+        )
         metrics.watch_handoff_queue(lambda: len(self.queue))
 
     def notify(self) -> None:
         self.queue.notify()
 
     def abort(self, request_id: str) -> bool:
-        return self.queue.abort(request_id)
+        return self.pushes.abort(request_id) | self.queue.abort(request_id)
+
+    def _push_busy(self, request_id: str) -> str | None:
+        if request_id in self._decoding:
+            return f"a Decode of {request_id!r} is already running here"
+        if len(self.queue):
+            return f"{len(self.queue)} Decode calls wait for KV blocks here"
+        return None
 
     async def decode(
         self, request: worker_pb2.DecodeRequest, params: SamplingParams, time_left_s: float | None
     ) -> AsyncIterator[RequestOutput]:
         """The request's deltas after the first token; ``HandoffError`` for a refusal or a failed handoff."""
         rid, handle = request.request_id, request.kv
-        self._check_fits(rid, len(request.prompt_token_ids), params)
+        try:
+            self._check_fits(rid, len(request.prompt_token_ids), params)
+        except HandoffError:
+            self.pushes.refused(handle.lease_id)
+            raise
         wait_s = self.wait_s if time_left_s is None else max(0.0, min(self.wait_s, time_left_s))
         finished = False  # the engine ran the request to a normal end (it owned the blocks and freed them)
+        if rid in self._decoding:
+            raise HandoffError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: a Decode of {rid!r} is already running")
+        self._decoding.add(rid)
         try:
             await self._handoff(handle, rid, wait_s)
             stream = await self.loop.generate_prefilled(
@@ -124,6 +153,7 @@ class DecodeHandoff:
                 # point, a race with an abort) is freed here, whatever happened before: a no-op once the
                 # engine took it over (add_prefilled_request) or when _handoff already freed it.
                 await asyncio.shield(self._cancel_reservation(rid))
+            self._decoding.discard(rid)
             self.notify()  # the request ended here (or its reservation was freed): blocks may be free
 
     # ---- the steps -------------------------------------------------------------------------------------
@@ -152,6 +182,15 @@ class DecodeHandoff:
                 blocks: list[int] | None = None
                 success, release = False, False
                 try:
+                    await self.pushes.pending(rid)
+                    pushed = self.pushes.claim(handle.lease_id, rid)
+                    if pushed is not None:
+                        release = True  # the push tried: the lease is ours to end whatever happens
+                        blocks = await heartbeat.guard(self.pushes.settle(pushed))
+                        if blocks is not None:
+                            self.metrics.handoff_ended("pushed", None)
+                            success = True
+                            return blocks
                     admission = await heartbeat.guard(self.queue.admit(rid, self._try_reserve(rid, handle), wait_s))
                     blocks = admission.value
                     self.metrics.handoff_ended(

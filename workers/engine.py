@@ -43,6 +43,7 @@ import torch
 from k2serve.workers.block_pool import BlockPool
 from k2serve.workers.engine_observer import EngineObserver, NullObserver
 from k2serve.workers.kv_cache_manager import KvCacheManager
+from k2serve.workers.kv_progress import LayerProgress
 from k2serve.workers.lockstep import Lockstep
 from k2serve.workers.model.forward_batch import make_forward_batch
 from k2serve.workers.model.model import KimiK2ForCausalLM
@@ -158,19 +159,24 @@ class Engine:
         priority: int = 0,
         cache_salt: str | None = None,
         hold_kv: bool = False,
+        kv_progress: LayerProgress | None = None,
     ) -> None:
         """Validate and queue a request; raises ``RequestValidationError``/``SamplingParamsError`` naming the field,
-        ``EngineFailedError`` after a group failure. ``hold_kv``: the prefill role (module docstring)."""
+        ``EngineFailedError`` after a group failure. ``hold_kv``: the prefill role (module docstring);
+        ``kv_progress`` (with ``hold_kv``): told when the prompt's last forward writes each layer."""
         if self.failure is not None:
             raise EngineFailedError(f"this rank's engine failed: {self.failure}")
         prompt = self._validate(request_id, prompt_token_ids, params)
         if hold_kv and params.n != 1:
             raise RequestValidationError("n", "a prefill for disaggregated decoding takes n = 1")
+        if kv_progress is not None and not hold_kv:
+            raise RequestValidationError("kv_progress", "only a prefill that holds its KV (hold_kv) reports progress")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len - len(prompt)
         children = [
             self._make_child(request_id, i, prompt, params, max_tokens, priority, cache_salt) for i in range(params.n)
         ]
         children[0].hold_kv = hold_kv
+        children[0].kv_progress = kv_progress
         self._children[request_id] = [c.request_id for c in children]
         for child in children:
             self._requests[child.request_id] = child
@@ -254,6 +260,8 @@ class Engine:
             if child is None:
                 continue
             self._pending_siblings.pop(cid, None)
+            if child.kv_progress is not None:
+                child.kv_progress.fail(error or f"the prefill ended: {status.value}")
             self.scheduler.finish(child, status)
             self.observer.on_finished(child, status)
             self._finished.append(dataclasses.replace(self._final_output(child, (), None), error=error))
@@ -377,7 +385,29 @@ class Engine:
             device=self.model.device,
         )
         batch = dataclasses.replace(batch, logits_indices=torch.tensor(rows, dtype=torch.int64, device=batch.device))
-        return self.model(batch, self.kv_cache)
+        watching = self._announce_last_prefills(plan)
+        if not watching:
+            return self.model(batch, self.kv_cache)
+
+        def on_layer(layer: int) -> None:
+            for progress in watching:
+                progress.layer_done(layer)
+
+        return self.model(batch, self.kv_cache, on_layer=on_layer)
+
+    def _announce_last_prefills(self, plan: SchedulerOutput) -> list[LayerProgress]:
+        """The progress of every pushed prefill whose prompt ends in this step, told its blocks (they are
+        final: the request ends in this step)."""
+        watching = []
+        for entry in plan.scheduled:
+            request = entry.request
+            if request.kv_progress is not None and entry.samples and not request.output_token_ids:
+                blocks = self.kv.block_table(request.request_id)[
+                    : -(-request.num_prompt_tokens // self.config.block_size)
+                ]
+                request.kv_progress.begin(blocks)
+                watching.append(request.kv_progress)
+        return watching
 
     def _append(
         self, request: Request, token: int, logprobs: tuple[object, ...] | None, outputs: list[RequestOutput]
@@ -400,6 +430,8 @@ class Engine:
     ) -> None:
         if request.hold_kv and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self._hold(request)
+        elif request.kv_progress is not None:
+            request.kv_progress.fail(f"the prefill ended: {status.value}")
         self.scheduler.finish(request, status)
         self.observer.on_finished(request, status)
         self._requests.pop(request.request_id, None)

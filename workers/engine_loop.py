@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
 from k2serve.workers.fault_plan import FaultInjector
+from k2serve.workers.kv_progress import LayerProgress
 from k2serve.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class _Add:
     priority: int
     cache_salt: str | None
     hold_kv: bool = False  # prefill role
+    kv_progress: LayerProgress | None = None  # prefill role, pushed KV
     first_token_id: int | None = None  # decode role: admitted with its prompt KV already in place
     sampler_state: bytes = b""
 
@@ -114,10 +116,13 @@ class EngineLoop:
         priority: int = 0,
         cache_salt: str | None = None,
         hold_kv: bool = False,
+        kv_progress: LayerProgress | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the deltas of one request; a refused request raises on the first iteration.
-        ``hold_kv``: the prefill role (``Engine.add_request``)."""
-        add = _Add(request_id, tuple(prompt_token_ids), params, priority, cache_salt, hold_kv=hold_kv)
+        ``hold_kv``, ``kv_progress``: the prefill role (``Engine.add_request``)."""
+        add = _Add(
+            request_id, tuple(prompt_token_ids), params, priority, cache_salt, hold_kv=hold_kv, kv_progress=kv_progress
+        )
         return self._submit(add)
 
     async def generate_prefilled(
@@ -265,6 +270,7 @@ class EngineLoop:
                     priority=command.priority,
                     cache_salt=command.cache_salt,
                     hold_kv=command.hold_kv,
+                    kv_progress=command.kv_progress,
                 )
             else:
                 self.engine.add_prefilled_request(

@@ -50,6 +50,10 @@ class Lease:
         return len(self.block_ids)
 
 
+def new_lease_id(request_id: str) -> str:
+    return f"{request_id}-{uuid.uuid4().hex[:16]}"
+
+
 class KvLeaseTable:
     """Leases by id, with the sum of their pinned blocks. ``clock`` is monotonic seconds (injectable)."""
 
@@ -65,12 +69,16 @@ class KvLeaseTable:
         self.num_expired = 0  # leases ended by expire
         self.num_renewed = 0  # successful renewals (heartbeats of decode ranks)
 
-    def grant(self, request_id: str, block_ids: Sequence[int], num_tokens: int, layout: KvLayout) -> Lease:
+    def grant(
+        self, request_id: str, block_ids: Sequence[int], num_tokens: int, layout: KvLayout, lease_id: str | None = None
+    ) -> Lease:
+        """A new lease; ``lease_id`` (from ``new_lease_id``) when the id was handed out before the grant
+        (a pushed KV names its lease while the prefill still runs)."""
         if num_tokens != layout.num_tokens:
             raise ValueError(f"num_tokens: {num_tokens} differs from the layout's {layout.num_tokens}")
         now = self._clock()
         lease = Lease(
-            lease_id=f"{request_id}-{uuid.uuid4().hex[:16]}",
+            lease_id=lease_id or new_lease_id(request_id),
             request_id=request_id,
             block_ids=tuple(block_ids),
             num_tokens=num_tokens,
@@ -79,6 +87,8 @@ class KvLeaseTable:
             expires_at=now + self.ttl_s,
         )
         with self._lock:
+            if lease.lease_id in self._leases:
+                raise ValueError(f"lease_id: {lease.lease_id!r} is already granted")
             self._leases[lease.lease_id] = lease
             self._pinned += lease.num_blocks
         return lease

@@ -26,8 +26,9 @@ most. Every blocking call inside a transfer waits at most until the transfer's d
 
 Checksums (optional): a CRC32 (``zlib.crc32``) of each layer's raw bytes, computed by the sender on
 what it sends and by the receiver on what it received; a mismatch fails the transfer with
-"checksum mismatch in layer L". Receivers accept an ``on_wire`` hook that sees each layer's rows as
-received, before they are checked and written: the seam tests use to corrupt bytes in flight.
+"checksum mismatch in layer L". Receivers accept an ``on_wire`` hook that sees each message's rows as
+received (a layer, or with p2p one segment of it), before they are checked and written: the seam
+tests use to corrupt bytes in flight. A p2p receive straight into the pages has written them already.
 
 Injected faults (test-only, ``workers.fault_plan``): a sender takes a ``SendFault``: wait before
 sending, fail after the handshake ("injected fault: dropped"), or flip one byte of layer 0 on the
@@ -381,6 +382,8 @@ class _InProcessSender(KvSender):
             self._begin_transferring()
             for i in range(self.layout.num_layers):
                 self._fault.maybe_drop(i, self.layout)
+                while not self._source.ready(i, min(_TICK_S, self._remaining(f"waiting for layer {i}"))):
+                    pass  # a prefill still computing it; _remaining fails past the deadline or on cancel
                 with self._data():
                     rows = self._source.layer(i)  # [N, D]: the one copy of this layer
                 crc = crc32(rows) if self._checksum else None

@@ -9,7 +9,8 @@ bytes are the latent rows moved (576 values × dtype size × layers × tokens fo
 The decode side of the handoff also lands here: ``handoff_ended`` once per ``Decode`` call when its
 wait for KV blocks ends (``HANDOFF_OUTCOMES``; the wait is observed when there was one), and
 ``watch_handoff_queue`` makes the queue-depth gauge read the live queue at scrape time. The prefill
-side counts the lease renewals it answered (``lease_renewed``).
+side counts the lease renewals it answered (``lease_renewed``). Pushed handoffs count their steps on the
+decode rank (``push_ended``, ``PUSH_OUTCOMES``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 Direction = Literal["send", "receive"]
 # how a Decode call's wait for KV blocks ended: admitted at once, admitted after waiting, the wait ran
-# out, larger than the whole pool, its lease was lost, aborted, or the caller left / it failed
-HANDOFF_OUTCOMES = ("immediate", "waited", "timed_out", "too_large", "lease_lost", "aborted", "left")
+# out, larger than the whole pool, its lease was lost, aborted, or the caller left / it failed; or
+# its KV had been pushed here during the prefill (no wait, no pull)
+HANDOFF_OUTCOMES = ("immediate", "waited", "timed_out", "too_large", "lease_lost", "aborted", "left", "pushed")
+# how a pushed KV ended on the decode rank: taken, refused, claimed by its Decode, failed (the Decode
+# pulled instead), never claimed, aborted
+PUSH_OUTCOMES = ("accepted", "refused", "claimed", "fell_back", "expired", "aborted")
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -63,6 +68,14 @@ class KvTransferMetrics:
         self._handoffs_waiting = Gauge(
             "k2serve_kv_handoffs_waiting", "Decode calls waiting for free KV blocks now.", registry=registry
         )
+        self._pushes = Counter(
+            "k2serve_kv_pushes",
+            "Pushed KV handoffs (layer by layer during the prefill) by outcome, on the decode rank.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in PUSH_OUTCOMES:
+            self._pushes.labels(outcome)
         self._renewals = Counter(
             "k2serve_kv_lease_renewals", "Lease renewals answered (heartbeats of decode ranks).", registry=registry
         )
@@ -95,6 +108,9 @@ class KvTransferMetrics:
         if waited_s is not None:
             self.handoff_waits += 1
             self._handoff_wait.observe(waited_s)
+
+    def push_ended(self, outcome: str) -> None:
+        self._pushes.labels(outcome).inc()
 
     def lease_renewed(self) -> None:
         self._renewals.inc()

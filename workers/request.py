@@ -18,9 +18,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from k2serve.workers.sampler import SamplingState
 from k2serve.workers.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from k2serve.workers.kv_progress import LayerProgress
 
 
 class RequestStatus(enum.Enum):
@@ -78,6 +82,7 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache; -1 until first scheduled
     num_preemptions: int = 0
     hold_kv: bool = False  # prefill role: keep the prompt's blocks pinned when the request ends
+    kv_progress: LayerProgress | None = None  # prefill role, pushed KV: the last forward announces its layers
     num_transferred_tokens: int = 0  # decode role: prompt tokens whose KV came from a prefill rank
     times: RequestTimes = field(default_factory=RequestTimes)
 

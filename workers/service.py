@@ -25,7 +25,10 @@ Roles (``options.role``):
 - ``decode``: ``Decode`` is ``DecodeHandoff``'s (decode_handoff.py): it waits, bounded and first come
   first served, for the prompt's KV blocks, renews the lease meanwhile, pulls the KV named by the
   handle, always releases the lease once a pull was tried, then streams the tokens after the first.
-  ``Abort`` of a waiting request ends its wait.
+  ``Abort`` of a waiting request ends its wait. ``AcceptKv`` takes a push (kv_push_receiver.py);
+- push: a ``Prefill`` naming a decode rank (``push_to``, p2p) sends the KV there layer by layer as
+  its last forward writes each layer (kv_push.py); the lease is granted under the push's lease id,
+  the handle says ``pushed_to``, and the sender ends like a pull's.
 Every rank answers ``Abort`` and ``GetLoad``, and keeps its Prometheus series in ``metrics``
 (``WorkerMetrics``; served over HTTP on ``options.host`` when ``options.metrics_port`` is set).
 
@@ -62,6 +65,7 @@ from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.fault_plan import FaultInjector, FaultPlan
 from k2serve.workers.group_rank import GroupRank
 from k2serve.workers.kv_lease import KvLeaseTable, Lease
+from k2serve.workers.kv_push import KvPush, KvPusher
 from k2serve.workers.kv_transfer import (
     CacheKvSource,
     KvLayout,
@@ -152,6 +156,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self._p2p_client: P2pKvClient | None = None
         self._expiry_task: asyncio.Task[None] | None = None
         self._senders: dict[str, KvTransfer] = {}  # lease id -> its p2p sender (kept until the lease ends)
+        self._pusher: KvPusher | None = None  # prefill role: pushes to the decode rank a Prefill names
         self._layout_dtype = str(rank.engine.kv_cache[0].dtype).removeprefix("torch.")
         self.metrics = WorkerMetrics(options.model_name, rank.engine.config.max_model_len)
         leases = self.leases if options.role != "decode" else None
@@ -176,6 +181,15 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self.loop.start()
         if options.role in ("prefill", "mixed"):
             self._p2p_server = P2pKvServer(options.worker_id, options.host, options.transfer_timeout_s)
+            self._pusher = KvPusher(
+                self._p2p_server,
+                rank.engine.kv_cache,
+                timeout_s=options.transfer_timeout_s,
+                checksum=options.checksum,
+                next_fault=self.faults.next_kv_send,
+                on_sender_done=self._count_sent,
+                channel_options=_CHANNEL_OPTIONS,
+            )
         if options.role in ("decode", "mixed"):
             self._p2p_client = P2pKvClient(options.worker_id, options.transfer_timeout_s)
         server = grpc.aio.server(options=_CHANNEL_OPTIONS)
@@ -204,7 +218,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (
-            self.engine.has_unfinished_requests() or len(self.leases) or len(self.handoff.queue)
+            self.engine.has_unfinished_requests()
+            or len(self.leases)
+            or len(self.handoff.queue)
+            or len(self.handoff.pushes)
         ):
             await asyncio.sleep(0.02)
 
@@ -236,6 +253,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             self.metrics_endpoint.stop()
         if self._p2p_server is not None:
             self._p2p_server.close()
+        await self.handoff.pushes.close()
+        if self._pusher is not None:
+            await self._pusher.close()
         if self._p2p_client is not None:
             self._p2p_client.close()
 
@@ -309,58 +329,83 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.PrefillResponse:
         """Prefill, then lease the held KV (or release it when the request ends here). Until the lease is
         in the table nothing else would ever release the held blocks, so every other exit (the caller
-        gone, the group failed under the request, a failed call) releases them here."""
+        gone, the group failed under the request, a failed call) releases them here, and stops a push."""
         rid = request.request_id
-        try:
-            first = await self._prefill(request, params)
-        except (ValueError, EngineFailedError):
-            raise  # refused at admission: this call holds nothing (the id may be another call's)
-        except BaseException:
-            await asyncio.shield(self._release_held(rid))  # e.g. the caller left: it may have finished
-            raise
+        push = self._prepare_push(request, transport)
         leased = False
         try:
-            if first.finish_reason == "error" or not first.new_token_ids:
-                raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or f"the prefill of {rid!r} ended early")
-            response = worker_pb2.PrefillResponse(request_id=rid, first_token_id=first.new_token_ids[0])
-            response.first_logprobs.extend(logprobs_to_proto(first.logprobs))
-            held = await self.loop.call(lambda e: e.held_kv(rid))
-            if held is None:
-                raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or "the prefill failed")
-            assert first.usage is not None
-            response.usage.CopyFrom(usage_to_proto(first.usage))
-            ends = first.finish_reason == "stop" or params.max_tokens == 1
-            if ends or (first.new_token_ids[0] in self.options.stop_token_ids and not params.ignore_eos):
-                response.finish_reason = (
-                    "length" if params.max_tokens == 1 and first.finish_reason != "stop" else "stop"
-                )
+            try:
+                first = await self._prefill(request, params, push)
+            except (ValueError, EngineFailedError):
+                raise  # refused at admission: this call holds nothing (the id may be another call's)
+            except BaseException:
+                await asyncio.shield(self._release_held(rid))  # e.g. the caller left: it may have finished
+                raise
+            try:
+                if first.finish_reason == "error" or not first.new_token_ids:
+                    raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or f"the prefill of {rid!r} ended early")
+                response = worker_pb2.PrefillResponse(request_id=rid, first_token_id=first.new_token_ids[0])
+                response.first_logprobs.extend(logprobs_to_proto(first.logprobs))
+                held = await self.loop.call(lambda e: e.held_kv(rid))
+                if held is None:
+                    raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or "the prefill failed")
+                assert first.usage is not None
+                response.usage.CopyFrom(usage_to_proto(first.usage))
+                ends = first.finish_reason == "stop" or params.max_tokens == 1
+                if ends or (first.new_token_ids[0] in self.options.stop_token_ids and not params.ignore_eos):
+                    response.finish_reason = (
+                        "length" if params.max_tokens == 1 and first.finish_reason != "stop" else "stop"
+                    )
+                    return response
+                layout = self._layout(held.num_tokens)
+                lease_id = push.lease_id if push is not None else None
+                lease = self.leases.grant(rid, held.block_ids, held.num_tokens, layout, lease_id=lease_id)
+                leased = True
+                response.sampler_state = held.sampler_state
+                response.kv.CopyFrom(self._handle(lease.lease_id, held.num_tokens, transport))
+                if push is not None and push.sender is not None and not push.ended:
+                    self._senders[lease.lease_id] = push.sender  # ended like a pull's sender from here on
+                    response.kv.pushed_to = push.target.worker_id
                 return response
-            layout = self._layout(held.num_tokens)
-            lease = self.leases.grant(rid, held.block_ids, held.num_tokens, layout)
-            leased = True
-            response.sampler_state = held.sampler_state
-            response.kv.CopyFrom(
-                worker_pb2.KvHandle(
-                    lease_id=lease.lease_id,
-                    prefill_worker_id=self.options.worker_id,
-                    prefill_address=self.address,
-                    transfer_rendezvous=self._p2p_server.rendezvous if self._p2p_server else "",
-                    transport=transport,
-                    num_tokens=held.num_tokens,
-                    num_layers=layout.num_layers,
-                    row_dim=layout.row_dim,
-                    dtype=self._layout_dtype,
-                    lease_expires_unix_ms=int((time.time() + self.options.lease_ttl_s) * 1000),
-                    lease_ttl_s=self.options.lease_ttl_s,
-                    checksum=self.options.checksum,
-                )
-            )
-            return response
+            finally:
+                if not leased:
+                    await asyncio.shield(self._release_held(rid))
         finally:
-            if not leased:
-                await asyncio.shield(self._release_held(rid))
+            if push is not None and not leased:
+                push.cancel("the prefill ended without a lease")
 
-    async def _prefill(self, request: worker_pb2.PrefillRequest, params: SamplingParams) -> RequestOutput:
+    def _prepare_push(self, request: worker_pb2.PrefillRequest, transport: str) -> KvPush | None:
+        """A push to the rank ``push_to`` names, when asked for and possible here (p2p); else the pull."""
+        if not request.HasField("push_to") or transport != "p2p" or self._pusher is None:
+            return None
+        target = request.push_to
+        if not target.worker_id or not target.address:
+            raise ValueError("push_to: worker_id and address are both required")
+        handle = self._handle("", len(request.prompt_token_ids), transport)
+        handle.ClearField("lease_expires_unix_ms")
+        max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
+        return self._pusher.prepare(request.request_id, target, handle, max_tokens)
+
+    def _handle(self, lease_id: str, num_tokens: int, transport: str) -> worker_pb2.KvHandle:
+        layout = self._layout(num_tokens)
+        return worker_pb2.KvHandle(
+            lease_id=lease_id,
+            prefill_worker_id=self.options.worker_id,
+            prefill_address=self.address,
+            transfer_rendezvous=self._p2p_server.rendezvous if self._p2p_server else "",
+            transport=transport,
+            num_tokens=num_tokens,
+            num_layers=layout.num_layers,
+            row_dim=layout.row_dim,
+            dtype=self._layout_dtype,
+            lease_expires_unix_ms=int((time.time() + self.options.lease_ttl_s) * 1000),
+            lease_ttl_s=self.options.lease_ttl_s,
+            checksum=self.options.checksum,
+        )
+
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, params: SamplingParams, push: KvPush | None
+    ) -> RequestOutput:
         one = dataclasses.replace(params, max_tokens=1)
         stream = await self.loop.generate(
             request.request_id,
@@ -369,6 +414,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             priority=request.priority,
             cache_salt=request.cache_salt or None,
             hold_kv=True,
+            kv_progress=push.progress if push is not None else None,
         )
         last: RequestOutput | None = None
         async for output in stream:
@@ -385,6 +431,20 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             self._check_handle(request)
             async for output in self.handoff.decode(request, params, context.time_remaining()):
                 yield delta_to_proto(output)
+
+    async def AcceptKv(
+        self, request: worker_pb2.AcceptKvRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AcceptKvResponse:
+        async with _status_codes(context):
+            self._admit(context, "decode")
+            handle = request.kv
+            if not request.request_id or not handle.lease_id or not handle.transfer_rendezvous:
+                raise ValueError("request_id, kv.lease_id and kv.transfer_rendezvous are required")
+            self._check_layout(handle)
+            if request.max_tokens < 0:
+                raise ValueError(f"max_tokens: must be >= 0 (0 = up to the context limit), got {request.max_tokens}")
+            return await self.handoff.pushes.accept(request.request_id, handle, request.max_tokens)
+        raise AssertionError("unreachable: context.abort raises")
 
     async def StartKvSend(
         self, request: worker_pb2.StartKvSendRequest, context: grpc.aio.ServicerContext
@@ -502,6 +562,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             raise ValueError("kv: a KvHandle from Prefill is required")
         if handle.num_tokens != len(request.prompt_token_ids):
             raise ValueError(f"kv.num_tokens: {handle.num_tokens} for a prompt of {len(request.prompt_token_ids)}")
+        self._check_layout(handle)
+
+    def _check_layout(self, handle: worker_pb2.KvHandle) -> None:
+        if handle.num_tokens < 1:
+            raise ValueError(f"kv.num_tokens: must be >= 1, got {handle.num_tokens}")
         expected = self._layout(handle.num_tokens)
         if (handle.num_layers, handle.row_dim, handle.dtype) != (
             expected.num_layers,
@@ -517,6 +582,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         period = min(1.0, self.leases.ttl_s / 4)  # a stranded lease ends within ttl + period of its last renewal
         while True:
             await asyncio.sleep(period)
+            await self.handoff.pushes.expire()
             for lease in self.leases.expire():
                 logger.warning("lease %s of %s expired unclaimed", lease.lease_id, lease.request_id)
                 await self._end_lease(lease, "the lease expired")

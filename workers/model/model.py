@@ -21,7 +21,7 @@ Legend: T = new tokens, N = rows that get logits, H = hidden_size, V = vocab_siz
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +63,13 @@ class KimiK2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
         self.rotary_emb = RotaryEmbedding(config, max_positions, device=device)
 
-    def forward(self, batch: ForwardBatch, kv_cache: Sequence[torch.Tensor], form: AttentionForm) -> torch.Tensor:
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_cache: Sequence[torch.Tensor],
+        form: AttentionForm,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         if len(kv_cache) != len(self.layers):
             raise ValueError(f"kv_cache has {len(kv_cache)} layers, the model {len(self.layers)}")
         if batch.max_seq_len > self.rotary_emb.max_positions:
@@ -73,8 +79,10 @@ class KimiK2Model(nn.Module):
         block_size = kv_cache[0].shape[1]
         plan = plan_attention(batch, block_size, form, self.rotary_emb(batch.positions))
         hidden_states = self.embed_tokens(batch.input_ids)  # [T, H]
-        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, kv_cache, strict=True)):
             hidden_states = layer(hidden_states, plan, layer_cache)
+            if on_layer is not None:
+                on_layer(i)  # layer i's rows are in the cache (queued, on a device)
         return self.norm(hidden_states)
 
 
@@ -137,13 +145,18 @@ class KimiK2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, batch: ForwardBatch, kv_cache: Sequence[torch.Tensor], attention_form: AttentionForm | None = None
+        self,
+        batch: ForwardBatch,
+        kv_cache: Sequence[torch.Tensor],
+        attention_form: AttentionForm | None = None,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Logits [N, V] fp32 for the rows ``batch.logits_indices`` (all T rows when None).
 
-        Writes the latent rows of the batch's new tokens into ``kv_cache`` (one tensor per layer).
+        Writes the latent rows of the batch's new tokens into ``kv_cache`` (one tensor per layer);
+        ``on_layer(i)`` runs right after layer i wrote its rows (a KV transfer may then send them).
         """
-        hidden_states = self.model(batch, kv_cache, attention_form or self.attention_form)  # [T, H]
+        hidden_states = self.model(batch, kv_cache, attention_form or self.attention_form, on_layer)  # [T, H]
         if batch.logits_indices is not None:
             hidden_states = hidden_states[batch.logits_indices]  # [N, H]
         return self.lm_head(hidden_states).float()
