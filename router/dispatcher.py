@@ -259,24 +259,28 @@ class Dispatcher:
         target = self._pick("decode", call, progress.failed_ranks) if self.kv_push else None
         try:
             prefill, first = await self._prefill(call, exclude=progress.failed_ranks, push_to=target)
-        except grpc.aio.AioRpcError as exc:
-            if not progress.sent:
+        except BaseException as exc:
+            if target is not None:  # the push it may have taken goes now, and a late one is refused
+                await self._release(target, request_id)
+            if not isinstance(exc, grpc.aio.AioRpcError) or not progress.sent:
                 raise
             raise _CallFailed(f"re-prefill failed: {why(exc)}", "", rpc_error=exc) from exc
         if first.finish_reason:  # no lease: nothing to decode
             yield progress.first_event(first)
             return
         handed_over = False  # the decode rank has the KV (it released the lease itself)
+        pushed = self._pushed_to(target, first.kv, progress)  # holds blocks for the pushed KV until claimed
         tried = [prefill.worker_id]
         first_token_id = first.first_token_id  # the client has it: a re-prefill keeps it
         try:
             yield progress.first_event(first)  # a consumer that leaves here still gets the lease released
             while True:
                 cached_tokens = first.usage.cached_tokens  # the prefill rank's prefix-cache hit
-                decode = self._pushed_to(target, first.kv, progress) or self._pick(
-                    "decode", call, progress.failed_ranks
+                first_try = pushed is not None and len(tried) == 1 and pushed.worker_id not in progress.failed_ranks
+                # the first try goes where the KV was pushed; a retry (another decode rank, a re-prefill) pulls
+                decode = (
+                    pushed if first_try and pushed is not None else self._pick("decode", call, progress.failed_ranks)
                 )
-                target = None  # a retry (another decode rank, a re-prefill) pulls
                 where = f"decode rank {decode.worker_id}"
                 decode_request = worker_pb2.DecodeRequest(
                     request_id=request_id,
@@ -331,6 +335,8 @@ class Dispatcher:
         finally:
             if not handed_over:
                 await self._release(prefill, request_id)
+                if pushed is not None:  # its push, if no Decode claimed it, goes now (not at its expiry)
+                    await self._release(pushed, request_id)
 
     def _pushed_to(
         self, target: WorkerClient | None, handle: worker_pb2.KvHandle, progress: RequestProgress
@@ -366,8 +372,9 @@ class Dispatcher:
                 prefill.in_flight -= 1
 
     async def _release(self, prefill: WorkerClient, request_id: str) -> None:
-        """Best effort, bounded: the prefill rank drops the request's lease. A worker that left the set
-        (draining, say) still holds it, but its retiring channel takes no new call: use a short-lived one."""
+        """Best effort, bounded: the prefill rank drops the request's lease (a decode rank, a push it took).
+        A worker that left the set (draining, say) still holds it, but its retiring channel takes no new
+        call: use a short-lived one."""
         abort = worker_pb2.AbortRequest(request_id=request_id)
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
             live = self._workers.get(prefill.worker_id)

@@ -11,13 +11,14 @@ Lifecycle of one push (keyed by its lease id), on the service's event loop:
    ``settle`` then waits (bounded) for the receiver. Success: the blocks are the Decode's reservation,
    exactly as after a pull. Failure: the receiver is cancelled and the reservation freed, and the
    Decode pulls as if nothing had been pushed (``fell_back``).
-3. A push never claimed ends in ``expire`` (its receiver's timeout plus the lease's TTL after it was
-   accepted: the prefill rank has let the lease go by then), ``abort(request_id)``, ``refused``
+3. A push never claimed ends in ``expire`` (at once when its transfer failed; else its receiver's
+   timeout plus the lease's TTL after it was accepted: the prefill rank has let the lease go by then), ``abort(request_id)``, ``refused``
    (its Decode was refused here) or ``close``:
    receiver cancelled first (it never writes again), then the reservation freed.
 
 A Decode that arrives while ``accept`` of its request is still reserving waits for it
-(``pending``), so the two never both reserve for one request id.
+(``pending``), so the two never both reserve for one request id. An aborted request id is
+remembered for ``ABORTED_KEEP_S``: its push, if the abort overtook it, is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,8 @@ from k2serve.workers.kv_transport_p2p import P2pKvClient
 
 logger = logging.getLogger(__name__)
 _POLL_S = 0.002
+ABORTED_KEEP_S = 120.0  # an aborted request id refuses a late push this long
+ABORTED_MAX = 10_000
 
 
 @dataclass
@@ -73,6 +77,7 @@ class PushReceiver:
         self._pushes: dict[str, PushedKv] = {}  # lease id -> push
         self._accepting: dict[str, asyncio.Future[None]] = {}  # request id -> accept in progress
         self._ending: set[asyncio.Task[None]] = set()
+        self._aborted: OrderedDict[str, float] = OrderedDict()  # request id -> when: refuse a push that comes late
 
     def __len__(self) -> int:
         return len(self._pushes)
@@ -97,6 +102,8 @@ class PushReceiver:
     def _refusal(self, request_id: str, handle: worker_pb2.KvHandle, max_tokens: int) -> str | None:
         if handle.transport != "p2p" or self._p2p_client() is None:
             return "this rank takes pushes over p2p only"
+        if request_id in self._aborted:
+            return f"request {request_id!r} was aborted here"
         if request_id in self._accepting or any(p.request_id == request_id for p in self._pushes.values()):
             return f"a push of {request_id!r} is already here"
         busy = self._busy(request_id)
@@ -172,15 +179,29 @@ class PushReceiver:
         return push.blocks if ok else None
 
     async def expire(self) -> None:
+        """Called periodically: a push whose transfer failed before its Decode came (the prefill failed or
+        was aborted, the client left) gives its blocks back now; one never claimed, at its expiry."""
         now = time.monotonic()
-        for push in [p for p in self._pushes.values() if now >= p.expires_at]:
+        for push in list(self._pushes.values()):
+            failed = push.receiver.poll() is TransferState.FAILED
+            if not failed and now < push.expires_at:
+                continue
             del self._pushes[push.lease_id]
-            self.metrics.push_ended("expired")
-            logger.warning("push of %s (lease %s) was never claimed", push.request_id, push.lease_id)
+            self.metrics.push_ended("failed" if failed else "expired")
+            if not failed:
+                logger.warning("push of %s (lease %s) was never claimed", push.request_id, push.lease_id)
             await self._end(push, "the push was never claimed")
 
     def abort(self, request_id: str) -> bool:
-        """Drop the pushes of ``request_id`` (the request was aborted)."""
+        """Drop the pushes of ``request_id`` (the request was aborted), and refuse one that comes later
+        (the router's abort can overtake the prefill rank's ``AcceptKv``)."""
+        now = time.monotonic()
+        self._aborted[request_id] = now
+        self._aborted.move_to_end(request_id)
+        while self._aborted and (
+            len(self._aborted) > ABORTED_MAX or next(iter(self._aborted.values())) < now - ABORTED_KEEP_S
+        ):
+            self._aborted.popitem(last=False)
         return self._drop([p for p in self._pushes.values() if p.request_id == request_id], "aborted")
 
     def refused(self, lease_id: str) -> None:

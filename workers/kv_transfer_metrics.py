@@ -26,9 +26,9 @@ Direction = Literal["send", "receive"]
 # out, larger than the whole pool, its lease was lost, aborted, or the caller left / it failed; or
 # its KV had been pushed here during the prefill (no wait, no pull)
 HANDOFF_OUTCOMES = ("immediate", "waited", "timed_out", "too_large", "lease_lost", "aborted", "left", "pushed")
-# how a pushed KV ended on the decode rank: taken, refused, claimed by its Decode, failed (the Decode
-# pulled instead), never claimed, aborted
-PUSH_OUTCOMES = ("accepted", "refused", "claimed", "fell_back", "expired", "aborted")
+# how a pushed KV ended on the decode rank: taken, refused, claimed by its Decode, failed after the claim
+# (the Decode pulled instead), failed before any claim, never claimed, aborted
+PUSH_OUTCOMES = ("accepted", "refused", "claimed", "fell_back", "failed", "expired", "aborted")
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
