@@ -256,8 +256,8 @@ async def _request(
 
 
 @asynccontextmanager
-async def _dispatcher(*servers: WorkerServer, pull_retries: int = 1) -> AsyncIterator[Dispatcher]:
-    dispatcher = Dispatcher(request_timeout_s=REQUEST_DEADLINE_S, pull_retries=pull_retries)
+async def _dispatcher(*servers: WorkerServer, pull_retries: int = 1, kv_push: bool = True) -> AsyncIterator[Dispatcher]:
+    dispatcher = Dispatcher(request_timeout_s=REQUEST_DEADLINE_S, pull_retries=pull_retries, kv_push=kv_push)
     await dispatcher.update([_endpoint(s) for s in servers])
     try:
         yield dispatcher
@@ -484,7 +484,9 @@ def test_a_delayed_kv_transfer_delays_the_second_token_and_changes_no_output(
         ):
             ledger = Ledger()
             times: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
-            async with _dispatcher(prefill, decode) as dispatcher:
+            # the pull: its transfer starts after the first token, so the delay shows between tokens 1 and 2
+            # (a push starts during the prefill's last forward and is not refused or replaced here)
+            async with _dispatcher(prefill, decode, kv_push=False) as dispatcher:
                 results = await asyncio.gather(
                     *(
                         _request(dispatcher, f"slow{i}", p, oracle[i], ledger, token_times=times[i])
