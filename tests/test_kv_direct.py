@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from kv_caches import BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, ROW_DIM, paged_cache
 
 from k2serve.workers import kv_segments
 from k2serve.workers.kv_pages import CacheKvSink, CacheKvSource, KvLayout, PagedRows
@@ -21,7 +22,6 @@ from k2serve.workers.kv_transfer import SendFault, TransferError, TransferState
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
 from k2serve.workers.transfer_threads import TransferThreads
 
-NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, ROW_DIM = 3, 48, 16, 96
 SENDER, RECEIVER = "prefill-d", "decode-d"
 
 
@@ -43,9 +43,9 @@ def test_paged_rows_find_the_same_runs_and_refuse_a_segment_across_a_gap() -> No
         num_tokens = rng.randint(1, 400)
         needed = -(-num_tokens // BLOCK_SIZE)
         ids = sorted(rng.sample(range(NUM_BLOCKS), needed)) if seed % 2 else rng.sample(range(NUM_BLOCKS), needed)
-        pages = PagedRows(_cache(torch.float32, seed), ids, num_tokens)
+        pages = PagedRows(paged_cache(torch.float32, seed), ids, num_tokens)
         assert pages.runs == run_lengths(ids, num_tokens, BLOCK_SIZE)
-    pages = PagedRows(_cache(torch.float32, 0), [4, 5, 9], 40)
+    pages = PagedRows(paged_cache(torch.float32, 0), [4, 5, 9], 40)
     assert pages.segment_rows([Segment(0, 32), Segment(32, 8)]) == [4 * BLOCK_SIZE, 9 * BLOCK_SIZE]
     assert torch.equal(pages.segment(1, 4 * BLOCK_SIZE + 3, 20), pages.kv[1].view(-1, ROW_DIM)[67:87])
     with pytest.raises(ValueError, match=r"segment \[16, 40\)"):
@@ -89,15 +89,6 @@ def test_a_peers_runs_are_validated_and_the_field_is_named() -> None:
 # ---- direct round trips -----------------------------------------------------------------------------
 
 
-def _cache(dtype: torch.dtype, seed: int, *, zero: bool = False) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (NUM_BLOCKS, BLOCK_SIZE, ROW_DIM)
-    return [
-        torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape, generator=gen).to(dtype)
-        for _ in range(NUM_LAYERS)
-    ]
-
-
 def _contiguous(num_tokens: int, first: int) -> list[int]:
     return list(range(first, first + -(-num_tokens // BLOCK_SIZE)))
 
@@ -135,7 +126,7 @@ class _Pair:
         self, num_tokens: int, src_blocks: list[int], dst_blocks: list[int], dtype: torch.dtype = torch.bfloat16
     ) -> None:
         self.num_tokens = num_tokens
-        self.src, self.dst = _cache(dtype, len(src_blocks)), _cache(dtype, 0, zero=True)
+        self.src, self.dst = paged_cache(dtype, len(src_blocks)), paged_cache(dtype, 0, zero=True)
         self.src_blocks, self.dst_blocks = src_blocks, dst_blocks
         self.source = _CountingSource(self.src, src_blocks, num_tokens)
         self.sink = _CountingSink(self.dst, dst_blocks, num_tokens)

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from kv_caches import BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, ROW_DIM, paged_cache
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_lease import KvLeaseTable
@@ -31,17 +32,7 @@ from k2serve.workers.kv_transfer import (
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
 
-NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, ROW_DIM = 3, 48, 16, 96  # the tiny preset's 32 + 64 latent row
 SENDER = "prefill-0"
-
-
-def _cache(dtype: torch.dtype, seed: int, *, zero: bool = False) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (NUM_BLOCKS, BLOCK_SIZE, ROW_DIM)
-    return [
-        torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape, generator=gen).to(dtype)
-        for _ in range(NUM_LAYERS)
-    ]
 
 
 def _blocks(num_tokens: int, seed: int) -> list[int]:
@@ -53,7 +44,7 @@ class _Pair:
 
     def __init__(self, num_tokens: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
         self.num_tokens = num_tokens
-        self.src, self.dst = _cache(dtype, seed), _cache(dtype, seed, zero=True)
+        self.src, self.dst = paged_cache(dtype, seed), paged_cache(dtype, seed, zero=True)
         self.src_blocks, self.dst_blocks = _blocks(num_tokens, seed), _blocks(num_tokens, seed + 1)
 
     def source(self) -> CacheKvSource:
