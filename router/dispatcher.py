@@ -266,6 +266,8 @@ class Dispatcher:
                 raise
             raise _CallFailed(f"re-prefill failed: {why(exc)}", "", rpc_error=exc) from exc
         if first.finish_reason:  # no lease: nothing to decode
+            if target is not None:  # a push the decode rank may have taken (and even received) goes now
+                await self._release(target, request_id)
             yield progress.first_event(first)
             return
         handed_over = False  # the decode rank has the KV (it released the lease itself)

@@ -313,3 +313,25 @@ def test_a_push_that_fails_mid_transfer_is_pulled_instead_and_equals_the_oracle(
             await _quiescent(prefill, decode)
 
     asyncio.run(main())
+
+
+def test_a_request_that_ends_with_its_first_token_leaves_no_push_behind(
+    model_dir: Path, prompts: list[list[int]], oracle: list[list[int]]
+) -> None:
+    async def main() -> None:
+        async with _rank(model_dir, "p0", "prefill", 64) as prefill, _rank(model_dir, "d0", "decode", 64) as decode:
+            dispatcher = Dispatcher(request_timeout_s=DEADLINE_S)
+            await dispatcher.update(
+                WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in (prefill, decode)
+            )
+            # the first greedy token is a stop token: the prefill ends the request, nothing is decoded
+            sampling = worker_pb2.SamplingParams(temperature=0.0, max_tokens=TOKENS, stop_token_ids=[oracle[0][0]])
+            try:
+                events = [e async for e in dispatcher.generate("r0", prompts[0], sampling)]
+            finally:
+                await dispatcher.close()
+            assert events[-1].finish_reason == "stop"
+            assert _sample(decode, "k2serve_kv_handoffs_total", outcome="pushed") == 0
+            await _quiescent(prefill, decode, timeout_s=2.0)  # a push it took is gone, not held to its expiry
+
+    asyncio.run(main())

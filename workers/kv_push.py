@@ -63,7 +63,7 @@ class KvPush:
     max_tokens: int  # the request's (0 = up to the context limit): the decode rank checks the whole fit
     sender: KvTransfer | None = None
     refused: str | None = None  # why the decode rank did not take it
-    ended: bool = False  # cancelled before it started
+    ended: bool = False  # cancelled (a sender started later never is)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def cancel(self, reason: str) -> None:

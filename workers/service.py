@@ -376,8 +376,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
 
     def _prepare_push(self, request: worker_pb2.PrefillRequest, transport: str) -> KvPush | None:
         """A push to the rank ``push_to`` names, when asked for and possible here (p2p); else the pull."""
-        if not request.HasField("push_to") or transport != "p2p" or self._pusher is None:
-            return None
+        one_token = request.sampling.HasField("max_tokens") and request.sampling.max_tokens == 1
+        if not request.HasField("push_to") or transport != "p2p" or self._pusher is None or one_token:
+            return None  # (a request of one token ends with the prefill: nothing to decode)
         target = request.push_to
         if not target.worker_id or not target.address:
             raise ValueError("push_to: worker_id and address are both required")
