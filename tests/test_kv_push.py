@@ -195,6 +195,25 @@ async def _rank(
         await server.stop(grace_s=1.0)
 
 
+@asynccontextmanager
+async def _pd(
+    model_dir: Path, prefill_faults: FaultPlan | None = None
+) -> AsyncIterator[tuple[WorkerServer, WorkerServer, Dispatcher]]:
+    """A prefill rank, a decode rank (64 blocks each) and a router dispatcher over them (push on)."""
+    async with (
+        _rank(model_dir, "p0", "prefill", 64, prefill_faults) as prefill,
+        _rank(model_dir, "d0", "decode", 64) as decode,
+    ):
+        dispatcher = Dispatcher(request_timeout_s=DEADLINE_S)
+        await dispatcher.update(
+            WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in (prefill, decode)
+        )
+        try:
+            yield prefill, decode, dispatcher
+        finally:
+            await dispatcher.close()
+
+
 async def _generate(dispatcher: Dispatcher, rid: str, prompt: list[int]) -> list[int]:
     sampling = worker_pb2.SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
     tokens: list[int] = []
@@ -227,17 +246,10 @@ def test_pushed_requests_equal_the_oracle_and_every_push_is_claimed(
     model_dir: Path, prompts: list[list[int]], oracle: list[list[int]]
 ) -> None:
     async def main() -> None:
-        async with _rank(model_dir, "p0", "prefill", 64) as prefill, _rank(model_dir, "d0", "decode", 64) as decode:
-            dispatcher = Dispatcher(request_timeout_s=DEADLINE_S)
-            await dispatcher.update(
-                WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in (prefill, decode)
+        async with _pd(model_dir) as (prefill, decode, dispatcher):
+            outs = await asyncio.wait_for(
+                asyncio.gather(*(_generate(dispatcher, f"r{i}", p) for i, p in enumerate(prompts))), DEADLINE_S
             )
-            try:
-                outs = await asyncio.wait_for(
-                    asyncio.gather(*(_generate(dispatcher, f"r{i}", p) for i, p in enumerate(prompts))), DEADLINE_S
-                )
-            finally:
-                await dispatcher.close()
             assert outs == oracle
             n = len(prompts)
             assert _sample(decode, "k2serve_kv_pushes_total", outcome="claimed") == n
@@ -259,24 +271,17 @@ def test_a_decode_rank_that_cannot_take_a_push_refuses_it_and_the_request_is_pul
     model_dir: Path, prompts: list[list[int]], oracle: list[list[int]]
 ) -> None:
     async def main() -> None:
-        async with _rank(model_dir, "p0", "prefill", 64) as prefill, _rank(model_dir, "d0", "decode", 64) as decode:
+        async with _pd(model_dir) as (prefill, decode, dispatcher):
             free = decode.engine.pool.num_free_blocks
             assert await decode.loop.call(lambda e: e.reserve_kv("ballast", free * BLOCK)) is not None
-            dispatcher = Dispatcher(request_timeout_s=DEADLINE_S)
-            await dispatcher.update(
-                WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in (prefill, decode)
-            )
-            try:
-                task = asyncio.ensure_future(_generate(dispatcher, "r0", prompts[0]))
-                deadline = time.monotonic() + 10.0
-                while _sample(decode, "k2serve_kv_pushes_total", outcome="refused") < 1:
-                    assert time.monotonic() < deadline, "the push was never refused"
-                    await asyncio.sleep(0.01)
-                await decode.loop.call(lambda e: e.cancel_reservation("ballast"))
-                decode.handoff.notify()
-                assert await asyncio.wait_for(task, DEADLINE_S) == oracle[0]
-            finally:
-                await dispatcher.close()
+            task = asyncio.ensure_future(_generate(dispatcher, "r0", prompts[0]))
+            deadline = time.monotonic() + 10.0
+            while _sample(decode, "k2serve_kv_pushes_total", outcome="refused") < 1:
+                assert time.monotonic() < deadline, "the push was never refused"
+                await asyncio.sleep(0.01)
+            await decode.loop.call(lambda e: e.cancel_reservation("ballast"))
+            decode.handoff.notify()
+            assert await asyncio.wait_for(task, DEADLINE_S) == oracle[0]
             assert _sample(decode, "k2serve_kv_pushes_total", outcome="accepted") == 0
             pulled = sum(_sample(decode, "k2serve_kv_handoffs_total", outcome=o) for o in ("immediate", "waited"))
             assert pulled == 1 and _sample(decode, "k2serve_kv_handoffs_total", outcome="pushed") == 0
@@ -290,21 +295,10 @@ def test_a_push_that_fails_mid_transfer_is_pulled_instead_and_equals_the_oracle(
 ) -> None:
     async def main() -> None:
         drops = FaultPlan(kv_drop_every=2)  # sends 2, 4, ... fail: the second push, then every other one
-        async with (
-            _rank(model_dir, "p0", "prefill", 64, drops) as prefill,
-            _rank(model_dir, "d0", "decode", 64) as decode,
-        ):
-            dispatcher = Dispatcher(request_timeout_s=DEADLINE_S)
-            await dispatcher.update(
-                WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in (prefill, decode)
-            )
-            try:
-                outs = [
-                    await asyncio.wait_for(_generate(dispatcher, f"r{i}", p), DEADLINE_S)
-                    for i, p in enumerate(prompts[:3])
-                ]
-            finally:
-                await dispatcher.close()
+        async with _pd(model_dir, drops) as (prefill, decode, dispatcher):
+            outs = [
+                await asyncio.wait_for(_generate(dispatcher, f"r{i}", p), DEADLINE_S) for i, p in enumerate(prompts[:3])
+            ]
             assert outs == oracle[:3]
             # r0 pushed (send 1); r1's push dropped (send 2), pulled (send 3); r2's push dropped (send 4), pulled
             assert _sample(decode, "k2serve_kv_pushes_total", outcome="claimed") == 1
@@ -319,17 +313,10 @@ def test_a_request_that_ends_with_its_first_token_leaves_no_push_behind(
     model_dir: Path, prompts: list[list[int]], oracle: list[list[int]]
 ) -> None:
     async def main() -> None:
-        async with _rank(model_dir, "p0", "prefill", 64) as prefill, _rank(model_dir, "d0", "decode", 64) as decode:
-            dispatcher = Dispatcher(request_timeout_s=DEADLINE_S)
-            await dispatcher.update(
-                WorkerEndpoint(s.options.worker_id, s.options.role, s.address) for s in (prefill, decode)
-            )
+        async with _pd(model_dir) as (prefill, decode, dispatcher):
             # the first greedy token is a stop token: the prefill ends the request, nothing is decoded
             sampling = worker_pb2.SamplingParams(temperature=0.0, max_tokens=TOKENS, stop_token_ids=[oracle[0][0]])
-            try:
-                events = [e async for e in dispatcher.generate("r0", prompts[0], sampling)]
-            finally:
-                await dispatcher.close()
+            events = [e async for e in dispatcher.generate("r0", prompts[0], sampling)]
             assert events[-1].finish_reason == "stop"
             assert _sample(decode, "k2serve_kv_handoffs_total", outcome="pushed") == 0
             await _quiescent(prefill, decode, timeout_s=2.0)  # a push it took is gone, not held to its expiry

@@ -402,10 +402,7 @@ class Engine:
         for entry in plan.scheduled:
             request = entry.request
             if request.kv_progress is not None and entry.samples and not request.output_token_ids:
-                blocks = self.kv.block_table(request.request_id)[
-                    : -(-request.num_prompt_tokens // self.config.block_size)
-                ]
-                request.kv_progress.begin(blocks)
+                request.kv_progress.begin(self._prompt_blocks(request))
                 watching.append(request.kv_progress)
         return watching
 
@@ -444,8 +441,12 @@ class Engine:
 
     # ---- disaggregation (see the module docstring) ---------------------------------------------------------
 
+    def _prompt_blocks(self, request: Request) -> list[int]:
+        """The blocks of the request's prompt tokens (what a KV transfer moves)."""
+        return self.kv.block_table(request.request_id)[: -(-request.num_prompt_tokens // self.config.block_size)]
+
     def _hold(self, request: Request) -> None:
-        blocks = self.kv.block_table(request.request_id)[: -(-request.num_prompt_tokens // self.config.block_size)]
+        blocks = self._prompt_blocks(request)
         self.pool.incref(blocks)  # the finish that follows drops the request's own reference
         self._held[request.request_id] = HeldKv(
             request.request_id,
