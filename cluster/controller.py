@@ -151,13 +151,16 @@ class Controller:
         return dict(self._desired)
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        """True once every desired group is ready and no extra group is left; False at the timeout or
-        as soon as a group has failed for good (see ``status()`` for why)."""
+        """True once every desired group is ready, no extra group is left and the registry lists them all;
+        False at the timeout or as soon as a group has failed for good (see ``status()`` for why)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if any(s.state == "failed" for s in self._slots.values()):
                 return False
             if self._converged():
+                # a group turns ready a step before the loop that readied it publishes it: publish now, so
+                # that a router reading the registry right after this returns sees every ready worker
+                await self._publish()
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
