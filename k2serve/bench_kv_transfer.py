@@ -4,10 +4,16 @@ Lifecycle: this process plays the prefill rank. It hosts a ``P2pKvServer``, a gR
 answers ``PullKv`` and one fresh 2-rank gloo group for the raw baseline. It spawns the decode rank
 (``python -m k2serve.bench_kv_transfer --peer ...``) and drives it with one JSON line per command
 on its stdin; the peer answers one JSON line on its stdout. For every model, prompt length and page
-layout both sides allocate a random paged cache and the request's block ids; each method runs once to
-warm up (p2p and gRPC: then the peer's CRC32 of the received rows is checked against the source),
-then ``--reps`` rounds time every method once each, in turn, so that a machine whose speed drifts
-(other jobs share it) weighs on all methods alike. Page layouts (``--pages``, both by default):
+layout both sides allocate a random paged cache and the requests' block ids; each method runs once to
+warm up (p2p and gRPC: then the peer's CRC32 of every request's received rows is checked against the
+source), then ``--reps`` rounds time every method once each, in turn, so that a machine whose speed
+drifts (other jobs share it) weighs on all methods alike.
+
+In flight (``--in-flight K``, 1 by default): K requests of the same length are handed over at once, as
+when a prefill batch ends together (each its own blocks on both sides); a repetition ends when all K
+have arrived, so GB/s is the throughput of the pair. Raw then sends K messages back to back.
+
+Page layouts (``--pages``, both by default):
 
 - ``contiguous``: the ids a fresh ``BlockPool`` allocates (what a serving rank gets: ascending and
   consecutive), so the transport sends from and receives into the pages without a copy;
@@ -20,12 +26,12 @@ Methods:
 - ``p2p-nocopy``: the same transport between a source that hands out ready rows and a sink that
   drops them. That is the protocol's own cost, without the gather from and scatter into the pages;
 - ``grpc``: the ``PullKv`` stream (``kv_chunks`` / ``GrpcKvReceiver``);
-- ``raw``: one ``send`` of a [nbytes] uint8 tensor over the baseline group, then a 1-value
-  acknowledgement back (the transports end with one too).
+- ``raw``: one ``send`` of a [nbytes] uint8 tensor per request over the baseline group (all K posted
+  at once), then a 1-value acknowledgement back (the transports end with one too).
 
 Each repetition is timed on this side from writing the command to reading the peer's "done", so
 every method pays the same pipe round trip. GB/s = rows moved (num_layers × num_tokens ×
-row_dim × dtype size) / median seconds; the ratios are against ``raw`` of the same case. Every timed
+row_dim × dtype size) / median seconds; the ratios are against ``raw`` of the same case. GB/s counts all K requests. Every timed
 transfer must end SUCCESS on both sides.
 """
 
@@ -83,14 +89,25 @@ class Case:
     dtype: str
     block_size: int
     pages: str = "shuffled"  # one of PAGES
+    in_flight: int = 1  # requests handed over at once
 
     @property
     def layout(self) -> KvLayout:
+        """One request's rows."""
         return KvLayout(self.num_layers, self.num_tokens, self.row_dim, dtype_from_name(self.dtype))
 
     @property
+    def nbytes(self) -> int:
+        """What one repetition moves: every request in flight."""
+        return self.layout.nbytes * self.in_flight
+
+    @property
+    def blocks_per_request(self) -> int:
+        return -(-self.num_tokens // self.block_size)
+
+    @property
     def num_blocks(self) -> int:
-        return -(-self.num_tokens // self.block_size) + 16  # spare blocks, so ids are not simply 0..n
+        return self.blocks_per_request * self.in_flight + 16  # spare blocks, so ids are not simply 0..n
 
 
 @dataclass(frozen=True)
@@ -99,19 +116,21 @@ class Result:
     seconds: dict[str, list[float]]  # method -> timed repetitions
 
     def gbs(self, method: str) -> float:
-        return self.case.layout.nbytes / statistics.median(self.seconds[method]) / 1e9
+        return self.case.nbytes / statistics.median(self.seconds[method]) / 1e9
 
 
-def paged_cache(case: Case, seed: int) -> tuple[list[torch.Tensor], list[int]]:
-    """A random cache [L] × [num_blocks, block_size, row_dim] and the request's block ids: those of a fresh
-    ``BlockPool`` (contiguous) or a random permutation of the blocks (shuffled)."""
+def paged_cache(case: Case, seed: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """A random cache [L] × [num_blocks, block_size, row_dim] and each in-flight request's block ids: those a
+    fresh ``BlockPool`` allocates (contiguous) or a random permutation of the blocks (shuffled)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (case.num_blocks, case.block_size, case.row_dim)
     cache = [torch.randn(shape, generator=gen).to(case.layout.dtype) for _ in range(case.num_layers)]
-    needed = -(-case.num_tokens // case.block_size)
+    needed = case.blocks_per_request
     if case.pages == "contiguous":
-        return cache, BlockPool(case.num_blocks, case.block_size).allocate(needed)
-    return cache, torch.randperm(case.num_blocks, generator=gen)[:needed].tolist()
+        pool = BlockPool(case.num_blocks, case.block_size)
+        return cache, [pool.allocate(needed) for _ in range(case.in_flight)]
+    ids = torch.randperm(case.num_blocks, generator=gen)[: needed * case.in_flight].tolist()
+    return cache, [ids[k * needed : (k + 1) * needed] for k in range(case.in_flight)]
 
 
 def rows_crc(cache: list[torch.Tensor], blocks: list[int], num_tokens: int) -> int:
@@ -148,7 +167,7 @@ def _peer(args: argparse.Namespace) -> int:
     client = P2pKvClient(RECEIVER, args.timeout)
     raw: PointToPointBackend | None = None
     cache: list[torch.Tensor] = []
-    blocks: list[int] = []
+    blocks: list[list[int]] = []  # per request in flight
     case: Case | None = None
     raw_buffer = torch.empty(0, dtype=torch.uint8)
     store: Any = None  # keeps the baseline group's store connection open
@@ -166,26 +185,31 @@ def _peer(args: argparse.Namespace) -> int:
             cache, blocks = paged_cache(case, seed=1)
             for layer in cache:
                 layer.zero_()
-            raw_buffer = torch.empty(case.layout.nbytes, dtype=torch.uint8)
+            raw_buffer = torch.empty(case.nbytes, dtype=torch.uint8)
         elif op in ("p2p", "p2p-nocopy", "grpc"):
             assert case is not None
-            sink: KvSink = (
-                _ReadyRows(case.layout) if op == "p2p-nocopy" else CacheKvSink(cache, blocks, case.num_tokens)
-            )
-            if op != "grpc":
-                receiver = client.start_receive(cmd["id"], SENDER, args.rendezvous, sink)
-            else:
-                receiver = GrpcKvReceiver(args.grpc, cmd["id"], sink, args.timeout)
-            state = receiver.wait()
-            reply = {"ok": state is TransferState.SUCCESS, "error": receiver.error}
+            receivers = []
+            for tid, ids in zip(cmd["ids"], blocks, strict=True):
+                sink: KvSink = (
+                    _ReadyRows(case.layout) if op == "p2p-nocopy" else CacheKvSink(cache, ids, case.num_tokens)
+                )
+                if op != "grpc":
+                    receivers.append(client.start_receive(tid, SENDER, args.rendezvous, sink))
+                else:
+                    receivers.append(GrpcKvReceiver(args.grpc, tid, sink, args.timeout))
+            failed = [r.error for r in receivers if r.wait() is not TransferState.SUCCESS]
+            reply = {"ok": not failed, "error": failed[0] if failed else None}
         elif op == "raw":
-            assert raw is not None
+            assert raw is not None and case is not None
             ack = torch.ones(1, dtype=torch.int64)
-            raw.recv([raw_buffer], 0, cmd["tag"]).wait()
-            raw.send([ack], 0, cmd["tag"] + 1).wait()
+            n, tag = case.layout.nbytes, cmd["tag"]
+            pending = [raw.recv([raw_buffer[k * n : (k + 1) * n]], 0, tag + k) for k in range(case.in_flight)]
+            for work in pending:
+                work.wait()
+            raw.send([ack], 0, tag + case.in_flight).wait()
         elif op == "crc":
             assert case is not None
-            reply = {"ok": True, "crc": rows_crc(cache, blocks, case.num_tokens)}
+            reply = {"ok": True, "crc": [rows_crc(cache, ids, case.num_tokens) for ids in blocks]}
             for layer in cache:
                 layer.zero_()
         print(json.dumps(reply), flush=True)
@@ -197,14 +221,13 @@ def _peer(args: argparse.Namespace) -> int:
 
 
 class _PullKv(worker_pb2_grpc.WorkerServicer):
-    """Answers only ``PullKv``, from the source of the current case."""
+    """Answers only ``PullKv``: request k of the current case (the lease id ends with ``/k``)."""
 
     def __init__(self) -> None:
-        self.source: CacheKvSource | None = None
+        self.sources: list[CacheKvSource] = []
 
     def PullKv(self, request: worker_pb2.PullKvRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.KvChunk]:
-        assert self.source is not None
-        yield from kv_chunks(self.source)
+        yield from kv_chunks(self.sources[int(request.lease_id.rsplit("/", 1)[1])])
 
 
 class _Peer:
@@ -247,32 +270,36 @@ def measure(
     case: Case, peer: _Peer, server: P2pKvServer, servicer: _PullKv, raw: PointToPointBackend, args: argparse.Namespace
 ) -> Result:
     cache, blocks = paged_cache(case, seed=0)
-    source = CacheKvSource(cache, blocks, case.num_tokens)
-    servicer.source = source
-    want_crc = rows_crc(cache, blocks, case.num_tokens)
+    sources = [CacheKvSource(cache, ids, case.num_tokens) for ids in blocks]
+    servicer.sources = sources
+    want_crc = [rows_crc(cache, ids, case.num_tokens) for ids in blocks]
     peer.send(op="case", case=case.__dict__)
     peer.reply()
-    name = f"{case.model}-{case.num_tokens}-{case.pages}"
+    name = f"{case.model}-{case.num_tokens}-{case.pages}-{case.in_flight}"
 
-    def p2p(rep: int, op: str = "p2p", source: KvSource = source) -> float:
-        tid = f"{name}-{op}-{rep}"
+    def ids(op: str, rep: int) -> list[str]:
+        return [f"{name}-{op}-{rep}/{k}" for k in range(case.in_flight)]
+
+    def p2p(rep: int, op: str = "p2p", sending: list[KvSource] | None = None) -> float:
+        tids = ids(op, rep)
         started = time.perf_counter()
-        peer.send(op=op, id=tid)
-        sender = server.start_send(tid, RECEIVER, source)
+        peer.send(op=op, ids=tids)
+        senders = [server.start_send(t, RECEIVER, s) for t, s in zip(tids, sending or sources, strict=True)]
         peer.reply()
         elapsed = time.perf_counter() - started
-        if sender.wait() is not TransferState.SUCCESS:
-            raise RuntimeError(f"{op} sender failed: {sender.error}")
+        failed = [s.error for s in senders if s.wait() is not TransferState.SUCCESS]
+        if failed:
+            raise RuntimeError(f"{op} sender failed: {failed[0]}")
         return elapsed
 
-    ready = _ReadyRows(case.layout)
+    ready: list[KvSource] = [_ReadyRows(case.layout)] * case.in_flight
 
     def p2p_nocopy(rep: int) -> float:
         return p2p(rep, "p2p-nocopy", ready)
 
     def grpc_pull(rep: int) -> float:
         started = time.perf_counter()
-        peer.send(op="grpc", id=f"{name}-grpc-{rep}")
+        peer.send(op="grpc", ids=ids("grpc", rep))
         peer.reply()
         return time.perf_counter() - started
 
@@ -280,12 +307,13 @@ def measure(
     ack = torch.zeros(1, dtype=torch.int64)
 
     def raw_send(rep: int) -> float:
-        tag = 2 * (rep + 2)
+        tag = (rep + 2) * (case.in_flight + 1)  # one per request, then the acknowledgement
         started = time.perf_counter()
         peer.send(op="raw", tag=tag)
-        sent = raw.send([payload], 1, tag)
-        acked = raw.recv([ack], 1, tag + 1)
-        sent.wait()
+        sent = [raw.send([payload], 1, tag + k) for k in range(case.in_flight)]
+        acked = raw.recv([ack], 1, tag + case.in_flight)
+        for work in sent:
+            work.wait()
         acked.wait()
         peer.reply()
         return time.perf_counter() - started
@@ -322,11 +350,20 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         raise ValueError("bench kv-transfer: name model folders (--model) or presets (--presets)")
     pages = _pages(args)
     return [
-        Case(name, c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, n, args.dtype, args.block_size, kind)
+        Case(name, c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, n, args.dtype, args.block_size, kind, k)
         for name, c in configs
         for n in args.tokens
         for kind in pages
+        for k in _in_flight(args)
     ]
+
+
+def _in_flight(args: argparse.Namespace) -> tuple[int, ...]:
+    counts = tuple(getattr(args, "in_flight", None) or (1,))
+    bad = [k for k in counts if not 1 <= k <= 64]
+    if bad:
+        raise ValueError(f"--in-flight: expected counts in 1..64, got {bad}")
+    return counts
 
 
 def _pages(args: argparse.Namespace) -> tuple[str, ...]:
@@ -342,7 +379,11 @@ def _ratio(r: Result, method: str = "p2p") -> float:
 
 
 def _cases_text(results: list[Result]) -> str:
-    return ", ".join(f"{r.case.model} {r.case.num_tokens} ({_ratio(r):.2f})" for r in results) or "none"
+    return ", ".join(f"{_label(r.case)} ({_ratio(r):.2f})" for r in results) or "none"
+
+
+def _label(case: Case) -> str:
+    return f"{case.model} {case.num_tokens}" + (f" ×{case.in_flight}" if case.in_flight > 1 else "")
 
 
 def _goal_line(results: list[Result]) -> str:
@@ -357,11 +398,12 @@ def _goal_line(results: list[Result]) -> str:
             "Contiguous pages (a fresh `BlockPool`'s ids, what a serving rank gets; sent from and received into "
             f"the pages, no gather, no scatter): met for {_cases_text(met)}; not met for {_cases_text(missed)}."
         )
-        if missed:
-            smallest = min(contiguous, key=lambda r: r.case.layout.nbytes)
+        single = [r for r in contiguous if r.case.in_flight == 1]
+        if missed and single:
+            smallest = min(single, key=lambda r: r.case.layout.nbytes)
             extra_ms = (statistics.median(smallest.seconds["p2p"]) - statistics.median(smallest.seconds["raw"])) * 1e3
             parts.append(
-                f"The misses move at most {max(r.case.layout.nbytes for r in missed) / 1e6:.1f} MB: a fixed cost per "
+                f"The misses move at most {max(r.case.nbytes for r in missed) / 1e6:.1f} MB: a fixed cost per "
                 f"transfer ({extra_ms:.2f} ms over the raw send at {smallest.case.layout.nbytes / 1e6:.1f} MB) weighs "
                 "on them. It is the offer and the answer through the prefill rank's TCPStore, the header and "
                 "the acknowledgement, and the thread wake-ups across two processes on two shared cores; the raw "
@@ -380,14 +422,15 @@ def _goal_line(results: list[Result]) -> str:
 
 def render(args: argparse.Namespace, results: list[Result], load: tuple[float, float]) -> str:
     rows = [
-        "| model | layers × row_dim | tokens | pages | MB moved | p2p GB/s | p2p no-copy GB/s | gRPC GB/s | "
-        "raw send GB/s | **p2p / raw** | p2p no-copy / raw | gRPC / raw | p2p median ms | raw median ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layers × row_dim | tokens | pages | in flight | MB moved | p2p GB/s | p2p no-copy GB/s | "
+        "gRPC GB/s | raw send GB/s | **p2p / raw** | p2p no-copy / raw | gRPC / raw | p2p median ms | raw median ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c, raw = r.case, r.gbs("raw")
         rows.append(
-            f"| {c.model} | {c.num_layers} × {c.row_dim} | {c.num_tokens} | {c.pages} | {c.layout.nbytes / 1e6:.1f} | "
+            f"| {c.model} | {c.num_layers} × {c.row_dim} | {c.num_tokens} | {c.pages} | {c.in_flight} | "
+            f"{c.nbytes / 1e6:.1f} | "
             f"{r.gbs('p2p'):.2f} | {r.gbs('p2p-nocopy'):.2f} | {r.gbs('grpc'):.2f} | {raw:.2f} | "
             f"**{_ratio(r):.2f}** | {_ratio(r, 'p2p-nocopy'):.2f} | {_ratio(r, 'grpc'):.2f} | "
             f"{statistics.median(r.seconds['p2p']) * 1e3:.2f} | {statistics.median(r.seconds['raw']) * 1e3:.2f} |"
@@ -395,22 +438,26 @@ def render(args: argparse.Namespace, results: list[Result], load: tuple[float, f
     models = " ".join(Path(m).name for m in args.model or ())
     source = f"--model {models}" if models else f"--presets {' '.join(args.presets)}"
     tokens = " ".join(str(n) for n in args.tokens)
+    in_flight = " ".join(str(k) for k in _in_flight(args))
     return "\n".join(
         [
             f"Workload: the latent KV rows of one prompt ({args.dtype}, block size {args.block_size}) moved from a "
             "prefill process to a decode process over loopback, with the request's blocks contiguous on both sides "
             "(the ids a fresh `BlockPool` allocates) or shuffled on both sides (a random permutation of the cache's "
-            f"blocks); median of {args.reps} rounds after 1 warm-up, each round timing every method once in turn, "
+            f"blocks); {in_flight} request(s) of that length in flight at once (each its own blocks; a repetition "
+            "ends when all have arrived; MB and GB/s count them all); "
+            f"median of {args.reps} rounds after 1 warm-up, each round timing every method once in turn, "
             'each transfer timed from the command to the peer\'s "done" (the same pipe round trip for every method). '
-            "Raw = one gloo `send` of the same bytes as a single tensor on a 2-rank group formed beforehand, plus a "
-            "1-value acknowledgement. The rows received in the warm-up are checked (CRC32) against the source.",
+            "Raw = one gloo `send` per request of the same bytes as a single tensor (all posted at once) on a 2-rank "
+            "group formed beforehand, plus a 1-value acknowledgement. The rows received in the warm-up are checked "
+            "(CRC32) against the source.",
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
             f"thread(s) per process, Python "
             f"{platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}, "
             f"{platform.system()} {platform.release()}; 1-minute load average {load[0]:.2f} before, {load[1]:.2f} "
             "after (other jobs share this machine).",
-            f"Rerun: `k2serve bench kv-transfer {source} --tokens {tokens} --reps {args.reps} --dtype {args.dtype} "
-            f"--threads {args.threads} "
+            f"Rerun: `k2serve bench kv-transfer {source} --tokens {tokens} --in-flight {in_flight} "
+            f"--pages {' '.join(_pages(args))} --reps {args.reps} --dtype {args.dtype} --threads {args.threads} "
             "--write docs/BENCHMARKS.md` (the folders made by `k2serve make-tiny-model k2-tiny --preset tiny` and "
             "`... k2-small --preset small`).",
             "",
@@ -451,8 +498,7 @@ def run_bench_kv_transfer(args: argparse.Namespace) -> int:
             results.append(measure(case, peer, server, servicer, raw, args))
             r = results[-1]
             print(
-                f"{case.model} {case.num_tokens} tokens, {case.pages} pages: "
-                + ", ".join(f"{m} {r.gbs(m):.2f} GB/s" for m in METHODS),
+                f"{_label(case)} tokens, {case.pages} pages: " + ", ".join(f"{m} {r.gbs(m):.2f} GB/s" for m in METHODS),
                 flush=True,
             )
     finally:

@@ -206,6 +206,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=("contiguous", "shuffled"),
         help="block ids of both sides: what a fresh pool allocates (contiguous) and a worst case (shuffled)",
     )
+    kv.add_argument(
+        "--in-flight",
+        type=int,
+        nargs="+",
+        default=(1,),
+        help="requests handed over at once (each count its own row); GB/s is then the pair's throughput",
+    )
     kv.add_argument("--timeout", type=float, default=120.0, help="seconds any one transfer may take")
     kv.add_argument("--write", metavar="PATH", help="put the table into this markdown file (docs/BENCHMARKS.md)")
     kv.set_defaults(func=_bench_kv_transfer)

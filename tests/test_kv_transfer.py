@@ -3,6 +3,7 @@ and the prefill side's lease table. Loopback only; every wait has a deadline."""
 
 from __future__ import annotations
 
+import json
 import random
 import select
 import subprocess
@@ -19,6 +20,8 @@ from kv_caches import BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, ROW_DIM, paged_cache
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_lease import KvLeaseTable
+from k2serve.workers.kv_offer_inbox import OFFERS_KEY
+from k2serve.workers.kv_pair_group import MAX_LANES, PairLanes
 from k2serve.workers.kv_transfer import (
     BufferPool,
     CacheKvSink,
@@ -26,6 +29,7 @@ from k2serve.workers.kv_transfer import (
     InProcessTransport,
     KvLayout,
     KvTransfer,
+    SendFault,
     TransferState,
     slot_mapping,
 )
@@ -206,6 +210,75 @@ def test_p2p_concurrent_transfers_of_one_pair_all_succeed_whatever_the_order(
     assert _wait_all(*receivers, *senders) == [TransferState.SUCCESS] * 6, [t.error for t in (*receivers, *senders)]
     for pair in pairs.values():
         pair.assert_moved()
+
+
+def test_p2p_a_pending_transfer_does_not_hold_up_the_next_one_of_its_pair(
+    server: P2pKvServer, client: P2pKvClient
+) -> None:
+    """Lanes: a transfer whose sender has not come yet keeps its lane; the pair's next transfer takes
+    another lane and finishes first (on one lane it would queue behind the first)."""
+    waiting, passing = _Pair(num_tokens=90, seed=70), _Pair(num_tokens=50, seed=71)
+    first = client.start_receive("lane-wait", SENDER, server.rendezvous, waiting.sink())
+    lane0, deadline = client.lanes(server.rendezvous, SENDER, "gloo").slots[0], time.monotonic() + 5.0
+    while not lane0.lock.locked():
+        assert time.monotonic() < deadline, "the first receiver never took a lane"
+        time.sleep(0.005)
+    second = client.start_receive("lane-pass", SENDER, server.rendezvous, passing.sink())
+    sent = server.start_send("lane-pass", "decode-0", passing.source())
+    assert _wait_all(second, sent) == [TransferState.SUCCESS] * 2, (second.error, sent.error)
+    passing.assert_moved()
+    assert first.poll() is TransferState.BOOTSTRAPPING  # still waiting for its sender, on lane 0
+    assert server.slot("decode-0", "gloo", lane=1).usable() is not None  # the second went on lane 1
+    late = server.start_send("lane-wait", "decode-0", waiting.source())
+    assert _wait_all(first, late) == [TransferState.SUCCESS] * 2, (first.error, late.error)
+    waiting.assert_moved()
+
+
+def test_p2p_a_failure_on_one_lane_leaves_the_other_lanes_groups_alone(
+    server: P2pKvServer, client: P2pKvClient
+) -> None:
+    held, failing = _Pair(num_tokens=64, seed=72), _Pair(num_tokens=64, seed=73)
+    lanes = client.lanes(server.rendezvous, SENDER, "gloo")
+    taken = lanes.acquire(5.0)  # keep lane 0 busy, so the failing transfer goes on lane 1
+    assert taken is not None and taken[0] == 0
+    try:
+        receiver = client.start_receive("lane-drop", SENDER, server.rendezvous, failing.sink())
+        sender = server.start_send("lane-drop", "decode-0", failing.source(), fault=SendFault(drop=True))
+        assert _wait_all(receiver, sender) == [TransferState.FAILED] * 2
+        assert server.slot("decode-0", "gloo", lane=1).group is None  # lane 1's group was dropped
+    finally:
+        lanes.release(taken[1])
+    lane0 = server.slot("decode-0", "gloo", lane=0)
+    group, generation = lane0.usable(), lane0.generation
+    assert group is not None  # earlier tests left lane 0 a working group
+    receiver = client.start_receive("lane-ok", SENDER, server.rendezvous, held.sink())
+    sender = server.start_send("lane-ok", "decode-0", held.source())
+    assert _wait_all(receiver, sender) == [TransferState.SUCCESS] * 2, (receiver.error, sender.error)
+    held.assert_moved()
+    assert lane0.generation == generation and lane0.group is group  # the same group carried it
+
+
+def test_p2p_sender_rejects_an_offer_for_a_lane_out_of_range(server: P2pKvServer) -> None:
+    sender = server.start_send("bad-lane", "decode-0", _Pair(num_tokens=16).source(), timeout_s=2.0)
+    offer = {"transfer": "bad-lane", "receiver": "decode-0", "lane": MAX_LANES, "cached": ""}
+    offer |= {"layout": [3, 16, ROW_DIM, "bfloat16"], "checksum": False, "runs": None}
+    server.store.queue_push(OFFERS_KEY, json.dumps(offer))
+    assert sender.wait(5.0) is TransferState.FAILED
+    assert sender.error is not None and "offer.lane: expected an int in [0, 16), got 16" in sender.error
+    assert json.loads(server.store.queue_pop("kv/x/bad-lane/answer", block=False))["error"] == sender.error
+
+
+def test_pair_lanes_hand_out_the_lowest_free_lane_and_wait_boundedly() -> None:
+    lanes = PairLanes(2)
+    a, b = lanes.acquire(0.1), lanes.acquire(0.1)
+    assert a is not None and b is not None and (a[0], b[0]) == (0, 1)
+    started = time.monotonic()
+    assert lanes.acquire(0.05) is None and time.monotonic() - started < 1.0
+    lanes.release(a[1])
+    again = lanes.acquire(0.1)
+    assert again is not None and again[0] == 0
+    with pytest.raises(ValueError, match=r"lanes: expected 1\.\.16, got 0"):
+        PairLanes(0)
 
 
 def test_p2p_sender_whose_receiver_never_comes_fails_within_its_timeout(server: P2pKvServer) -> None:

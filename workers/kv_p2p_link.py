@@ -23,11 +23,7 @@ from k2serve.workers.kv_transfer import DTYPE_CODES, KvLayout, KvTransfer, Trans
 from k2serve.workers.transfer_threads import TransferThreads
 
 ACK_OK, ACK_CHECKSUM, ACK_FAILED = 0, 1, 2  # the acknowledgement's status
-# The sender polls for the receiver's offer: every 0.1 ms while a peer starting at about the same
-# time is likely, every 2 ms after that. (The decode rank publishes its offer before it asks for the
-# send, so a real sender normally finds it at once.)
-_POLL_FAST_S, _POLL_FAST_FOR_S, _POLL_SLOW_S = 0.0001, 0.05, 0.002
-SLICE_S = 0.05  # blocking waits (the receiver's answer, a source's ready) check cancel() this often
+SLICE_S = 0.05  # blocking waits (the offer, the answer, a source's ready) check cancel() this often
 _NCCL_POLL_S = 0.0001
 # Layers posted ahead of the oldest unfinished one: two while staged (their buffers are reused), every
 # layer while direct (pages need no buffer, and on two cores the fewer Python wake-ups while bytes
@@ -68,22 +64,6 @@ def runs_json(runs: kv_segments.Runs | None) -> list[int] | None:
     return list(runs) if runs is not None else None
 
 
-def pop_queue(store: dist.Store, key: str) -> bytes | None:
-    """The head of queue ``key``, or None when it is empty (one round trip; the key goes with it)."""
-    try:
-        return store.queue_pop(key, block=False)
-    except dist.QueueEmptyError:
-        return None
-
-
-def withdraw(store: dist.Store, key: str) -> None:
-    """Take back an offer nobody took (best effort: the store may be gone too)."""
-    try:
-        pop_queue(store, key)
-    except RuntimeError:
-        pass
-
-
 class Tags:
     """Distinct gloo/NCCL tags (int32) for the messages of one transfer on its group: a fixed stride per
     layout, so transfers with other sequence numbers never share one; ``SCRATCH_TAG`` is above them all."""
@@ -114,22 +94,6 @@ class P2pTransfer(KvTransfer):
             self._started = time.monotonic()
         self._threads.run(self._main)
         return self
-
-    def _await_offer(self, store: dist.Store, key: str, what: str) -> bytes:
-        """The offer queued under ``key`` (polled, so the shared connection is never held)."""
-        started = time.monotonic()
-        while True:
-            left = self._remaining(what)
-            try:
-                value = pop_queue(store, key)  # one round trip, and the offer is taken when it is there
-                if value is not None:
-                    return value
-            except RuntimeError as exc:
-                raise TransferError(f"store unreachable while {what}: {first_line(exc)}") from exc
-            waited = time.monotonic() - started
-            delay = _POLL_FAST_S if waited < _POLL_FAST_FOR_S else _POLL_SLOW_S
-            if self._cancelled.wait(min(delay, left)):
-                raise TransferError(self.error or "cancelled")
 
     def _await_answer(self, store: dist.Store, key: str, what: str) -> bytes:
         """Pop queue ``key`` (the receiver's pair connection is its own while it holds the pair lock) in

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from k2serve.workers import kv_segments
+from k2serve.workers.kv_offer_inbox import OFFERS_KEY
 from k2serve.workers.kv_p2p_link import (
     ACK_CHECKSUM,
     ACK_OK,
@@ -29,7 +30,6 @@ from k2serve.workers.kv_p2p_link import (
     recv_from,
     runs_json,
     send_to,
-    withdraw,
 )
 from k2serve.workers.kv_pages import PagedRows, paged_rows
 from k2serve.workers.kv_pair_group import PairGroup, backend_kind
@@ -72,11 +72,13 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         super()._on_cancel()
 
     def _run(self) -> None:
-        sid, keys = self._sender_id, f"kv/x/{self.transfer_id}"
+        sid = self._sender_id
         kind = backend_kind(self._sink.device)
-        slot = self._client.slot(self._rendezvous, sid, kind)
-        if not slot.lock.acquire(timeout=self._remaining(f"waiting for the previous transfer from {sid}")):
-            raise self._timed_out(f"waiting for the previous transfer from {sid}")
+        lanes = self._client.lanes(self._rendezvous, sid, kind)
+        taken = lanes.acquire(self._remaining(f"waiting for a free lane from {sid}"))
+        if taken is None:
+            raise self._timed_out(f"waiting for a free lane from {sid}")
+        lane, slot = taken
         try:
             if slot.store is None:
                 left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
@@ -87,19 +89,20 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
                 pages = None
             ours = kv_segments.advertised(pages.runs) if pages is not None else None
             offer = {
+                "transfer": self.transfer_id,
                 "receiver": self._client.worker_id,
+                "lane": lane,
                 "cached": cached.prefix if cached is not None else "",
                 "layout": layout_json(self.layout),
                 "checksum": self._checksum,
                 "runs": runs_json(ours),
             }
-            slot.store.queue_push(f"{keys}/offer", json.dumps(offer))
+            slot.store.queue_push(OFFERS_KEY, json.dumps(offer))
             try:
-                answer = json.loads(
-                    self._await_answer(slot.store, f"{keys}/answer", f"waiting for sender {sid} to answer")
-                )
+                answer_key = f"kv/x/{self.transfer_id}/answer"
+                answer = json.loads(self._await_answer(slot.store, answer_key, f"waiting for sender {sid} to answer"))
             except TransferError:
-                withdraw(slot.store, f"{keys}/offer")
+                self._withdraw(slot.store)
                 raise
             if "error" in answer:
                 raise TransferRejected(str(answer["error"]))
@@ -126,7 +129,14 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
                 raise
         finally:
             self._let_go()
-            slot.lock.release()
+            lanes.release(slot)
+
+    def _withdraw(self, store: dist.Store) -> None:
+        """Take back an offer no sender took (best effort: the store may be gone too)."""
+        try:
+            store.queue_push(OFFERS_KEY, json.dumps({"withdraw": self.transfer_id}))
+        except RuntimeError:
+            pass
 
     def _post_receive(self, what: str, target: torch.Tensor, tag: int) -> dist.Work:
         group = self._group

@@ -33,7 +33,7 @@ from k2serve.workers.kv_p2p_link import (
     send_to,
 )
 from k2serve.workers.kv_pages import PagedRows, paged_rows
-from k2serve.workers.kv_pair_group import PairGroup, backend_kind
+from k2serve.workers.kv_pair_group import MAX_LANES, PairGroup, backend_kind
 from k2serve.workers.kv_segments import Plan
 from k2serve.workers.kv_transfer import NO_FAULT, KvSender, KvSource, SendFault, TransferError, raw_bytes
 
@@ -60,12 +60,11 @@ class P2pKvSender(P2pTransfer, KvSender):
     def _run(self) -> None:
         self._fault.wait(self)
         server, rid = self._server, self._receiver_id
-        keys = f"kv/x/{self.transfer_id}"
+        answer_key = f"kv/x/{self.transfer_id}/answer"
         kind = backend_kind(self._source.device)
-        offer_text = self._await_offer(
-            server.store, f"{keys}/offer", f"waiting for receiver {rid} to join the transfer"
-        )
+        offer_text = self._await_offer(f"waiting for receiver {rid} to join the transfer")
         offer, theirs, problem = self._read_offer(offer_text)
+        lane = offer.get("lane", 0) if problem is None else 0
         pages: PagedRows | None = None
         if problem is None:
             try:  # a source that fails before the answer fails both sides at once and keeps the group
@@ -74,13 +73,13 @@ class P2pKvSender(P2pTransfer, KvSender):
             except Exception as exc:
                 problem = str(exc) if isinstance(exc, TransferError) else f"the source failed: {first_line(exc)}"
         if problem is not None:
-            server.store.queue_push(f"{keys}/answer", json.dumps({"error": problem}))
+            server.store.queue_push(answer_key, json.dumps({"error": problem}))
             raise TransferRejected(problem)
         ours = kv_segments.advertised(pages.runs) if pages is not None else None
         plan = kv_segments.plan(ours, theirs, self.layout.num_tokens, self.layout.row_nbytes)
-        slot = server.slot(rid, kind)
-        if not slot.lock.acquire(timeout=self._remaining(f"waiting for the previous transfer to {rid}")):
-            raise self._timed_out(f"waiting for the previous transfer to {rid}")
+        slot = server.slot(rid, kind, lane)
+        if not slot.lock.acquire(timeout=self._remaining(f"waiting for the previous transfer to {rid} on lane {lane}")):
+            raise self._timed_out(f"waiting for the previous transfer to {rid} on lane {lane}")
         try:
             group = slot.usable()
             fresh = group is None or group.prefix != offer["cached"]
@@ -88,13 +87,13 @@ class P2pKvSender(P2pTransfer, KvSender):
                 if slot.group is not None:
                     slot.drop(slot.group, "replaced")
                 slot.generation += 1
-                group = PairGroup(server.pair_prefix(rid, kind, slot.generation), kind)
+                group = PairGroup(server.pair_prefix(rid, kind, lane, slot.generation), kind)
                 slot.group = group
             assert group is not None
             seq = group.next_seq
             group.next_seq += 1
             answer = {"prefix": group.prefix, "seq": seq, "runs": runs_json(ours)}
-            server.store.queue_push(f"{keys}/answer", json.dumps(answer))
+            server.store.queue_push(answer_key, json.dumps(answer))
             self._group = group
             if fresh:
                 if slot.store is None:
@@ -110,6 +109,19 @@ class P2pKvSender(P2pTransfer, KvSender):
         finally:
             self._let_go()
             slot.lock.release()
+
+    def _await_offer(self, what: str) -> bytes:
+        """The receiver's offer, from the server's ``OfferInbox`` (in slices, so cancel() holds)."""
+        while True:
+            left = self._remaining(what)
+            try:
+                text = self._server.offers.take(self.transfer_id, min(SLICE_S, left))
+            except RuntimeError as exc:
+                raise TransferError(f"no offers can arrive while {what}: {first_line(exc)}") from exc
+            if text is not None:
+                return text
+            if self._cancelled.is_set():
+                raise TransferError(self.error or "cancelled")
 
     def _read_offer(self, text: bytes) -> tuple[dict[str, Any], kv_segments.Runs | None, str | None]:
         """(offer, the receiver's runs, the problem that rejects it or None)."""
@@ -133,6 +145,9 @@ class P2pKvSender(P2pTransfer, KvSender):
                 )
             if not isinstance(offer.get("cached"), str):
                 raise TypeError(f"offer.cached: expected a group prefix or '', got {offer.get('cached')!r}")
+            lane = offer.get("lane")
+            if type(lane) is not int or not 0 <= lane < MAX_LANES:
+                raise ValueError(f"offer.lane: expected an int in [0, {MAX_LANES}), got {lane!r}")
             return offer, kv_segments.parse_runs(offer.get("runs"), self.layout.num_tokens, "offer.runs"), None
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             return {}, None, f"bad offer from {self._receiver_id}: {first_line(exc)}"

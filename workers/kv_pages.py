@@ -23,6 +23,7 @@ import zlib
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 from types import MappingProxyType
 from typing import Protocol
@@ -61,7 +62,7 @@ class KvLayout:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def row_nbytes(self) -> int:
@@ -143,18 +144,18 @@ def _check_cache(kv_cache: Sequence[torch.Tensor]) -> tuple[int, int, int]:
     return num_blocks, block_size, row_dim
 
 
-def _block_tensor(block_ids: Sequence[int], num_blocks: int) -> torch.Tensor:
-    """[n] int64 on the CPU (through an array: 3× faster than torch.tensor of a list); every id in range."""
+def _packed_ids(block_ids: list[int], num_blocks: int) -> array.array[int]:
+    """The ids as int64 words, every one checked to be in range. Plain Python and ``array``: a request's
+    source and sink are built for every transfer, and a few torch ops on tiny tensors cost more (0.2-0.4
+    ms on a busy 2-core host) than a small transfer's own bytes."""
     try:
-        host = torch.frombuffer(array.array("q", block_ids), dtype=torch.int64) if block_ids else torch.empty(0)
+        packed = array.array("q", block_ids)
     except (OverflowError, TypeError) as exc:
         raise ValueError(f"block_ids: expected ints in [0, {num_blocks}): {exc}") from exc
-    if len(block_ids):
-        lo, hi = (int(v) for v in torch.aminmax(host))
-        if lo < 0 or hi >= num_blocks:
-            bad = [b for b in block_ids if not 0 <= b < num_blocks]
-            raise ValueError(f"block_ids: {bad[:4]} outside [0, {num_blocks})")
-    return host
+    if packed and (min(packed) < 0 or max(packed) >= num_blocks):
+        bad = [b for b in block_ids if not 0 <= b < num_blocks]
+        raise ValueError(f"block_ids: {bad[:4]} outside [0, {num_blocks})")
+    return packed
 
 
 def _as_words(cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,11 +180,17 @@ class PagedRows:
         if len(block_ids) < needed:
             raise ValueError(f"block_ids: {num_tokens} tokens need {needed} blocks of {self.block_size}")
         self.kv = list(kv_cache)  # [L] of [num_blocks, block_size, D]
-        self.block_ids = list(block_ids[:needed])
-        host = _block_tensor(self.block_ids, num_blocks)  # [blocks]
-        self.blocks = host.to(kv_cache[0].device)
-        breaks = torch.nonzero(host[1:] != host[:-1] + 1).flatten().tolist()  # block j + 1 does not follow j
+        self.block_ids = ids = list(block_ids[:needed])
+        self._packed = _packed_ids(ids, num_blocks)
+        breaks = [j for j in range(needed - 1) if ids[j + 1] != ids[j] + 1]  # block j + 1 does not follow j
         self.runs: Runs = runs_from_breaks(breaks, num_tokens, self.block_size)
+
+    @cached_property
+    def blocks(self) -> torch.Tensor:
+        """[blocks] int64 on the cache's device: the ids, for a gather or scatter (a direct transfer never
+        needs them)."""
+        host = torch.frombuffer(self._packed, dtype=torch.int64) if self._packed else torch.empty(0, dtype=torch.int64)
+        return host.to(self.device)
 
     @property
     def device(self) -> torch.device:

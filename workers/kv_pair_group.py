@@ -2,11 +2,16 @@
 1, the receiver), built straight from a ``TCPStore`` (no ``init_process_group``), so a process can
 hold many such groups next to its expert-parallel group.
 
-Lifecycle: a ``PairSlot`` per peer on each side holds the current ``PairGroup`` (one generation,
-prefix ``.../g<generation>``), the store connection its rendezvous uses, and the lock that serializes
-the pair's transfers. A group is created on demand (``connect_pair_group``: gloo for CPU tensors,
-NCCL for CUDA tensors; it blocks until the peer joins), reused while it works, and dropped
-(``PairSlot.drop``) when a transfer on it fails; the next transfer builds the next generation.
+Lifecycle: a pair has up to ``lanes`` lanes, so that that many of its transfers run at once (a
+prefill batch ends several requests at once, and their handoffs to one decode rank should overlap,
+not queue). A ``PairSlot`` per lane on each side holds the lane's current ``PairGroup`` (one
+generation, prefix ``.../l<lane>/g<generation>``), the store connection its rendezvous uses, and the
+lock that serializes the lane's transfers. The receiver picks the lane (``PairLanes.acquire``: the
+lowest free one, so serial traffic always reuses lane 0 and its group) and names it in its offer.
+A group is created on demand (``connect_pair_group``: gloo for CPU tensors, NCCL for CUDA tensors; it
+blocks until the peer joins), reused while it works, and dropped (``PairSlot.drop``) when a transfer
+on it fails; the lane's next transfer builds the next generation. A failure or a cancel drops only
+its own lane's group: transfers on the other lanes go on.
 
 Also here: ``route_to``, the local address that reaches a peer (the store server itself is
 ``parallel.host_store``, bound to one interface).
@@ -76,6 +81,41 @@ class PairSlot:
             self.group = None
 
 
+DEFAULT_LANES = 4  # a receiver's concurrent transfers per sender
+MAX_LANES = 16  # the most a sender accepts per receiver (each lane is a group: sockets and threads on both sides)
+
+
+class PairLanes:
+    """A receiver's lanes to one sender: ``acquire`` takes the lowest free lane (its slot locked),
+    ``release`` gives it back. At most ``count`` are held; a waiter waits for any of them."""
+
+    def __init__(self, count: int) -> None:
+        if not 1 <= count <= MAX_LANES:
+            raise ValueError(f"lanes: expected 1..{MAX_LANES}, got {count}")
+        self.slots = [PairSlot() for _ in range(count)]
+        self._free = threading.Semaphore(count)
+
+    def acquire(self, timeout_s: float) -> tuple[int, PairSlot] | None:
+        """(lane, its slot, locked), or None when none came free within ``timeout_s``."""
+        if not self._free.acquire(timeout=max(0.0, timeout_s)):
+            return None
+        # a permit holder holds at most one lane lock, and every lane lock is held by one: one is free
+        for lane, slot in enumerate(self.slots):
+            if slot.lock.acquire(blocking=False):
+                return lane, slot
+        self._free.release()
+        raise RuntimeError("no free lane although a permit was granted")
+
+    def release(self, slot: PairSlot) -> None:
+        slot.lock.release()
+        self._free.release()
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.group is not None:
+                slot.drop(slot.group, "closed")
+
+
 class PairSlots:
     """Every peer's slot on this side, created on first use; ``close`` drops every group."""
 
@@ -93,6 +133,29 @@ class PairSlots:
         for slot in slots:
             if slot.group is not None:
                 slot.drop(slot.group, "closed")
+
+
+class LaneSets:
+    """Every sender's lanes on a receiver, created on first use; ``close`` drops every group."""
+
+    def __init__(self, count: int) -> None:
+        PairLanes(count)  # validates count
+        self.count = count
+        self._lock = threading.Lock()
+        self._lanes: dict[tuple[str, ...], PairLanes] = {}
+
+    def get(self, key: tuple[str, ...]) -> PairLanes:
+        with self._lock:
+            lanes = self._lanes.get(key)
+            if lanes is None:
+                lanes = self._lanes[key] = PairLanes(self.count)
+            return lanes
+
+    def close(self) -> None:
+        with self._lock:
+            every, self._lanes = list(self._lanes.values()), {}
+        for lanes in every:
+            lanes.close()
 
 
 def backend_kind(device: torch.device) -> str:

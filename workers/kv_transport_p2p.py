@@ -2,22 +2,25 @@
 
 Who owns what: the prefill rank runs one ``P2pKvServer``. It hosts a ``TCPStore`` on its configured
 interface (port chosen by the OS; the address goes into ``KvHandle.transfer_rendezvous``). The
-decode rank runs one ``P2pKvClient``. Each (sender, receiver) pair shares a 2-rank pair group (rank
-0 = sender, rank 1 = receiver) built from that store under its own prefix
-(``kvpair/<server nonce>/<sender>/<receiver>/<backend>/g<generation>``): gloo on CPU tensors, NCCL on
-CUDA tensors. Each side caches the group for the next transfer, and drops it when it breaks. The
-next transfer then builds a new group under the next generation.
+decode rank runs one ``P2pKvClient``. Each (sender, receiver) pair has up to ``lanes`` (the client's
+setting, default 4) lanes, so that that many transfers between them run at once; a lane is a 2-rank
+pair group (rank 0 = sender, rank 1 = receiver) built from that store under its own prefix
+(``kvpair/<server nonce>/<sender>/<receiver>/<backend>/l<lane>/g<generation>``): gloo on CPU
+tensors, NCCL on CUDA tensors. Each side caches the lane's group for the next transfer on the lane,
+and drops it when it breaks. The lane's next transfer then builds a new group under the next
+generation. The receiver picks the lane (the lowest free one: serial traffic stays on lane 0).
 
 Lifecycle of one transfer (``transfer_id`` unique per server). Either side may start first, and
 each has ``timeout_s`` to meet the other:
 
-1. Receiver: takes its pair lock (one transfer at a time per pair), then pushes an offer onto the
-   store queue ``kv/x/<transfer_id>/offer``: its worker id, its cached group prefix (or ""), its
-   layout, checksum setting and runs (``kv_segments``: the token counts of its stretches of
-   consecutive blocks, or null when it can only stage).
-2. Sender: polls for that offer (a non-blocking ``queue_pop``: one round trip; a blocking wait would
-   hold the store connection every sender shares) and checks it against its own layout. It waits until its
-   source knows its blocks (``ready(-1)``), then takes its pair lock. It reuses its cached group if
+1. Receiver: takes a lane (its lock: one transfer at a time per lane), then pushes an offer onto the
+   server's one offer queue ``kv/offers`` (``kv_offer_inbox``: one thread of the server reads it and
+   hands each offer to its sender): the transfer id, its worker id, the lane, the lane's cached group
+   prefix (or ""), its layout, checksum setting and runs (``kv_segments``: the token counts of its
+   stretches of consecutive blocks, or null when it can only stage). A receiver that gives up
+   withdraws its offer.
+2. Sender: takes that offer from the inbox and checks it against its own layout. It waits until its
+   source knows its blocks (``ready(-1)``), then takes the lane's lock. It reuses its cached group if
    the receiver has the same one, otherwise starts generation g+1. It answers on the queue
    ``kv/x/<transfer_id>/answer``: the prefix, the transfer's sequence number on that group and its own
    runs, or an error (a bad offer, a source that failed early), which fails both sides and keeps the
@@ -49,9 +52,10 @@ Injected faults (``SendFault``, tests only): the sender waits out its delay befo
 offer, drops the transfer (and the group) before the middle layer, or flips a byte of layer 0 after
 its checksum (in its staged copy: a sender with that fault never sends from its pages).
 
-Transfers between one pair run one after the other, in the order the receiver took them. Store
-connections are few and long-lived: the sender polls offers on the server's own store handle, and
-each pair holds one connection for its group's rendezvous and, on the receiver side, its offers.
+Transfers on one lane run one after the other, in the order the receiver took them; a failure or
+cancel drops its own lane's group only. Store connections are few and long-lived: the server's
+offer reader holds one, the senders answer on the server's own store handle, and each lane holds one
+connection for its group's rendezvous and, on the receiver side, its offers and answers.
 Transfers run on threads the server and the client keep for the next one (``TransferThreads``).
 
 Here: ``P2pKvServer`` and ``P2pKvClient``; the two sides of a transfer are ``kv_p2p_sender`` and
@@ -65,10 +69,20 @@ import secrets
 
 import torch.distributed as dist
 
+from k2serve.workers.kv_offer_inbox import OFFERS_KEY, OfferInbox
 from k2serve.workers.kv_p2p_link import TransferRejected, first_line
 from k2serve.workers.kv_p2p_receiver import P2pKvReceiver
 from k2serve.workers.kv_p2p_sender import P2pKvSender
-from k2serve.workers.kv_pair_group import PairSlot, PairSlots, PointToPointBackend, connect_pair_group, route_to
+from k2serve.workers.kv_pair_group import (
+    DEFAULT_LANES,
+    LaneSets,
+    PairLanes,
+    PairSlot,
+    PairSlots,
+    PointToPointBackend,
+    connect_pair_group,
+    route_to,
+)
 from k2serve.workers.kv_transfer import (
     DEFAULT_TIMEOUT_S,
     NO_FAULT,
@@ -110,6 +124,12 @@ class P2pKvServer:
         self.store = host_store(host, port=port, timeout_s=timeout_s)
         self.buffers = BufferPool()  # the layers being sent
         self.threads = TransferThreads(f"kv-send-{worker_id}")
+        self.offers = OfferInbox(
+            self.connect_store,
+            lambda message: self.store.queue_push(OFFERS_KEY, message),
+            ttl_s=2 * timeout_s,
+            name=f"kv-offers-{worker_id}",
+        )
         self._nonce = secrets.token_hex(4)  # a restarted server never reuses a prefix a client has cached
         self._slots = PairSlots()
 
@@ -117,11 +137,11 @@ class P2pKvServer:
     def rendezvous(self) -> str:
         return str(Rendezvous(self.host, self.store.port))
 
-    def slot(self, receiver_id: str, kind: str) -> PairSlot:
-        return self._slots.get((receiver_id, kind))
+    def slot(self, receiver_id: str, kind: str, lane: int = 0) -> PairSlot:
+        return self._slots.get((receiver_id, kind, str(lane)))
 
-    def pair_prefix(self, receiver_id: str, kind: str, generation: int) -> str:
-        return f"kvpair/{self._nonce}/{self.worker_id}/{receiver_id}/{kind}/g{generation}"
+    def pair_prefix(self, receiver_id: str, kind: str, lane: int, generation: int) -> str:
+        return f"kvpair/{self._nonce}/{self.worker_id}/{receiver_id}/{kind}/l{lane}/g{generation}"
 
     def connect_store(self, timeout_s: float) -> dist.TCPStore:
         """A further connection to this server's own store (one per pair: a group's rendezvous blocks it)."""
@@ -145,28 +165,35 @@ class P2pKvServer:
 
     def close(self) -> None:
         """Let go of every pair group; the store stops with the last reference to this server."""
+        self.offers.close()
         self._slots.close()
 
 
 class P2pKvClient:
-    """The decode rank's side: one store connection and one cached group per prefill rank.
+    """The decode rank's side: per prefill rank, up to ``lanes`` concurrent transfers, each lane with
+    its own store connection and cached group.
 
     ``interface_host``: the address gloo binds on this side (default: the local address that routes to
     the rendezvous host, so a loopback rendezvous stays on loopback).
     """
 
     def __init__(
-        self, worker_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, interface_host: str | None = None
+        self,
+        worker_id: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        interface_host: str | None = None,
+        lanes: int = DEFAULT_LANES,
     ) -> None:
         self.worker_id = worker_id
         self.timeout_s = timeout_s
         self._interface_host = interface_host
         self.buffers = BufferPool()  # the layers being received
         self.threads = TransferThreads(f"kv-recv-{worker_id}")
-        self._slots = PairSlots()
+        self._lanes = LaneSets(lanes)
 
-    def slot(self, rendezvous: Rendezvous, sender_id: str, kind: str) -> PairSlot:
-        return self._slots.get((str(rendezvous), sender_id, kind))
+    def lanes(self, rendezvous: Rendezvous | str, sender_id: str, kind: str) -> PairLanes:
+        return self._lanes.get((str(rendezvous), sender_id, kind))
 
     def interface_host(self, rendezvous: Rendezvous) -> str:
         return self._interface_host or route_to(rendezvous.host)
@@ -201,4 +228,4 @@ class P2pKvClient:
         return receiver
 
     def close(self) -> None:
-        self._slots.close()
+        self._lanes.close()
