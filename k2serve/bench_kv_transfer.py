@@ -403,11 +403,12 @@ def _goal_line(results: list[Result]) -> str:
             smallest = min(single, key=lambda r: r.case.layout.nbytes)
             extra_ms = (statistics.median(smallest.seconds["p2p"]) - statistics.median(smallest.seconds["raw"])) * 1e3
             parts.append(
-                f"The misses move at most {max(r.case.nbytes for r in missed) / 1e6:.1f} MB: a fixed cost per "
-                f"transfer ({extra_ms:.2f} ms over the raw send at {smallest.case.layout.nbytes / 1e6:.1f} MB) weighs "
-                "on them. It is the offer and the answer through the prefill rank's TCPStore, the header and "
-                "the acknowledgement, and the thread wake-ups across two processes on two shared cores; the raw "
-                "baseline is one message on a group formed beforehand, with none of these."
+                f"A transfer's fixed cost, from the smallest case: {extra_ms:.2f} ms over the raw send at "
+                f"{smallest.case.layout.nbytes / 1e6:.1f} MB. It is the offer and the answer through the prefill "
+                "rank's TCPStore, the header and the acknowledgement, and the thread wake-ups of two processes on "
+                "two shared cores; the raw baseline is one message on a group formed beforehand, with none of "
+                "these. It weighs most on the small transfers; with several in flight (the pair's lanes) it "
+                "overlaps other transfers' bytes, as far as two cores allow."
             )
     if shuffled:
         ratios = [_ratio(r) for r in shuffled]
