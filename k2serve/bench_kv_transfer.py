@@ -11,7 +11,8 @@ drifts (other jobs share it) weighs on all methods alike.
 
 In flight (``--in-flight K``, 1 by default): K requests of the same length are handed over at once, as
 when a prefill batch ends together (each its own blocks on both sides); a repetition ends when all K
-have arrived, so GB/s is the throughput of the pair. Raw then sends K messages back to back.
+have arrived, so GB/s is the throughput of the pair. Raw then sends all K requests' bytes as one
+message.
 
 Page layouts (``--pages``, both by default):
 
@@ -26,8 +27,9 @@ Methods:
 - ``p2p-nocopy``: the same transport between a source that hands out ready rows and a sink that
   drops them. That is the protocol's own cost, without the gather from and scatter into the pages;
 - ``grpc``: the ``PullKv`` stream (``kv_chunks`` / ``GrpcKvReceiver``);
-- ``raw``: one ``send`` of a [nbytes] uint8 tensor per request over the baseline group (all K posted
-  at once), then a 1-value acknowledgement back (the transports end with one too).
+- ``raw``: one ``send`` of a [nbytes] uint8 tensor over the baseline group (all K requests' bytes in
+  one message: the strongest baseline, with no per-message cost), then a 1-value acknowledgement back
+  (the transports end with one too).
 
 Each repetition is timed on this side from writing the command to reading the peer's "done", so
 every method pays the same pipe round trip. GB/s = rows moved (num_layers × num_tokens ×
@@ -202,11 +204,8 @@ def _peer(args: argparse.Namespace) -> int:
         elif op == "raw":
             assert raw is not None and case is not None
             ack = torch.ones(1, dtype=torch.int64)
-            n, tag = case.layout.nbytes, cmd["tag"]
-            pending = [raw.recv([raw_buffer[k * n : (k + 1) * n]], 0, tag + k) for k in range(case.in_flight)]
-            for work in pending:
-                work.wait()
-            raw.send([ack], 0, tag + case.in_flight).wait()
+            raw.recv([raw_buffer], 0, cmd["tag"]).wait()
+            raw.send([ack], 0, cmd["tag"] + 1).wait()
         elif op == "crc":
             assert case is not None
             reply = {"ok": True, "crc": [rows_crc(cache, ids, case.num_tokens) for ids in blocks]}
@@ -303,17 +302,16 @@ def measure(
         peer.reply()
         return time.perf_counter() - started
 
-    payload = torch.empty(case.layout.nbytes, dtype=torch.uint8)
+    payload = torch.empty(case.nbytes, dtype=torch.uint8)  # every request in flight
     ack = torch.zeros(1, dtype=torch.int64)
 
     def raw_send(rep: int) -> float:
-        tag = (rep + 2) * (case.in_flight + 1)  # one per request, then the acknowledgement
+        tag = 2 * (rep + 2)
         started = time.perf_counter()
         peer.send(op="raw", tag=tag)
-        sent = [raw.send([payload], 1, tag + k) for k in range(case.in_flight)]
-        acked = raw.recv([ack], 1, tag + case.in_flight)
-        for work in sent:
-            work.wait()
+        sent = raw.send([payload], 1, tag)
+        acked = raw.recv([ack], 1, tag + 1)
+        sent.wait()
         acked.wait()
         peer.reply()
         return time.perf_counter() - started
@@ -449,7 +447,7 @@ def render(args: argparse.Namespace, results: list[Result], load: tuple[float, f
             "ends when all have arrived; MB and GB/s count them all); "
             f"median of {args.reps} rounds after 1 warm-up, each round timing every method once in turn, "
             'each transfer timed from the command to the peer\'s "done" (the same pipe round trip for every method). '
-            "Raw = one gloo `send` per request of the same bytes as a single tensor (all posted at once) on a 2-rank "
+            "Raw = one gloo `send` of the same bytes (all requests in flight) as a single tensor on a 2-rank "
             "group formed beforehand, plus a 1-value acknowledgement. The rows received in the warm-up are checked "
             "(CRC32) against the source.",
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
