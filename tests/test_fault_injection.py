@@ -43,6 +43,7 @@ from k2serve.tiny_model import make_tiny_model
 from k2serve.workers.fault_plan import FaultInjector, FaultPlan, InjectedFault
 from k2serve.workers.greedy import greedy_generate
 from k2serve.workers.group_rank import GroupRank, RankSpec
+from k2serve.workers.kv_pair_group import DEFAULT_LANES
 from k2serve.workers.kv_transfer import CacheKvSink, CacheKvSource, KvTransfer, SendFault
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
 from k2serve.workers.model.model import KimiK2ForCausalLM
@@ -161,8 +162,10 @@ def test_a_send_fault_drops_or_corrupts_a_p2p_transfer_and_a_late_cancel_leaves_
         assert receiver.wait(10.0).done and sender.wait(10.0).done
         return sender, receiver, sink_cache
 
-    def generation() -> int:
-        return server.slot("decode-seam", "gloo").generation
+    def groups() -> list[tuple[int, int]]:
+        """(generation, group identity) of every lane, sender side."""
+        slots = [server.slot("decode-seam", "gloo", lane) for lane in range(DEFAULT_LANES)]
+        return [(slot.generation, id(slot.group)) for slot in slots]
 
     try:
         sender, receiver, moved = transfer("seam-ok", SendFault())
@@ -173,15 +176,16 @@ def test_a_send_fault_drops_or_corrupts_a_p2p_transfer_and_a_late_cancel_leaves_
         )
         sender, receiver, _ = transfer("seam-drop", SendFault(drop=True))
         assert sender.error == "injected fault: dropped" and receiver.error is not None, receiver.error
-        assert generation() == 1  # dropped with the transfer; the next one builds generation 2
+        assert groups()[0] == (1, id(None))  # lane 0's group was dropped with the transfer
         sender, receiver, _ = transfer("seam-corrupt", SendFault(corrupt=True))
         assert receiver.error == "checksum mismatch in layer 0", receiver.error
         assert sender.error == "receiver reported checksum mismatch in layer 0", sender.error
+        kept = groups()
         receiver.cancel("the decode rank gave up the transfer")
         sender.cancel("the receiver released the lease")
         sender, receiver, _ = transfer("seam-after", SendFault())
         assert (sender.error, receiver.error) == (None, None)
-        assert generation() == 2  # the corrupted transfer and its late cancels kept the group
+        assert groups() == kept  # the corrupted transfer and its late cancels kept the group the next one used
     finally:
         server.close()
         client.close()

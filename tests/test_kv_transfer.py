@@ -219,16 +219,17 @@ def test_p2p_a_pending_transfer_does_not_hold_up_the_next_one_of_its_pair(
     another lane and finishes first (on one lane it would queue behind the first)."""
     waiting, passing = _Pair(num_tokens=90, seed=70), _Pair(num_tokens=50, seed=71)
     first = client.start_receive("lane-wait", SENDER, server.rendezvous, waiting.sink())
-    lane0, deadline = client.lanes(server.rendezvous, SENDER, "gloo").slots[0], time.monotonic() + 5.0
-    while not lane0.lock.locked():
+    slots, deadline = client.lanes(server.rendezvous, SENDER, "gloo").slots, time.monotonic() + 5.0
+    while not any(slot.lock.locked() for slot in slots):
         assert time.monotonic() < deadline, "the first receiver never took a lane"
         time.sleep(0.005)
+    held = next(lane for lane, slot in enumerate(slots) if slot.lock.locked())
     second = client.start_receive("lane-pass", SENDER, server.rendezvous, passing.sink())
     sent = server.start_send("lane-pass", "decode-0", passing.source())
     assert _wait_all(second, sent) == [TransferState.SUCCESS] * 2, (second.error, sent.error)
     passing.assert_moved()
-    assert first.poll() is TransferState.BOOTSTRAPPING  # still waiting for its sender, on lane 0
-    assert server.slot("decode-0", "gloo", lane=1).usable() is not None  # the second went on lane 1
+    assert first.poll() is TransferState.BOOTSTRAPPING  # still waiting for its sender, on its lane
+    assert slots[held].lock.locked()  # so the second went on another lane
     late = server.start_send("lane-wait", "decode-0", waiting.source())
     assert _wait_all(first, late) == [TransferState.SUCCESS] * 2, (first.error, late.error)
     waiting.assert_moved()
@@ -239,6 +240,8 @@ def test_p2p_a_failure_on_one_lane_leaves_the_other_lanes_groups_alone(
 ) -> None:
     held, failing = _Pair(num_tokens=64, seed=72), _Pair(num_tokens=64, seed=73)
     lanes = client.lanes(server.rendezvous, SENDER, "gloo")
+    for slot in lanes.slots:
+        slot.avoid_until = 0.0  # forget the failures of earlier tests: lanes are taken lowest first
     taken = lanes.acquire(5.0)  # keep lane 0 busy, so the failing transfer goes on lane 1
     assert taken is not None and taken[0] == 0
     try:
@@ -256,6 +259,26 @@ def test_p2p_a_failure_on_one_lane_leaves_the_other_lanes_groups_alone(
     assert _wait_all(receiver, sender) == [TransferState.SUCCESS] * 2, (receiver.error, sender.error)
     held.assert_moved()
     assert lane0.generation == generation and lane0.group is group  # the same group carried it
+
+
+def test_p2p_a_lane_whose_transfer_failed_is_avoided_while_its_sender_may_still_hold_it(
+    server: P2pKvServer, client: P2pKvClient
+) -> None:
+    lanes = client.lanes(server.rendezvous, SENDER, "gloo")
+    for slot in lanes.slots:
+        assert not slot.lock.locked()
+        slot.avoid_until = 0.0  # forget the failures of earlier tests: lanes are taken lowest first
+    lost = client.start_receive("lane-lost", SENDER, server.rendezvous, _Pair(num_tokens=16).sink(), timeout_s=0.3)
+    assert lost.wait(5.0) is TransferState.FAILED  # no sender came: one may yet hold lane 0 on its side
+    assert lanes.slots[0].avoid_until > time.monotonic()
+    after = lanes.acquire(1.0)
+    assert after is not None and after[0] == 1  # lane 0 is skipped while another is free
+    lanes.release(after[1])
+    pair = _Pair(num_tokens=48, seed=74)
+    receiver = client.start_receive("lane-next", SENDER, server.rendezvous, pair.sink())
+    sender = server.start_send("lane-next", "decode-0", pair.source())
+    assert _wait_all(receiver, sender) == [TransferState.SUCCESS] * 2, (receiver.error, sender.error)
+    pair.assert_moved()
 
 
 def test_p2p_sender_rejects_an_offer_for_a_lane_out_of_range(server: P2pKvServer) -> None:
@@ -277,6 +300,13 @@ def test_pair_lanes_hand_out_the_lowest_free_lane_and_wait_boundedly() -> None:
     lanes.release(a[1])
     again = lanes.acquire(0.1)
     assert again is not None and again[0] == 0
+    lanes.release(again[1])
+    lanes.release(b[1])
+    lanes.slots[0].avoid_until = time.monotonic() + 60  # its last transfer failed
+    first = lanes.acquire(0.1)
+    assert first is not None and first[0] == 1  # avoided while another lane is free
+    only = lanes.acquire(0.1)
+    assert only is not None and only[0] == 0  # taken when it is the only one left
     with pytest.raises(ValueError, match=r"lanes: expected 1\.\.16, got 0"):
         PairLanes(0)
 

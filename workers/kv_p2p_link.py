@@ -96,9 +96,9 @@ class P2pTransfer(KvTransfer):
         return self
 
     def _await_answer(self, store: dist.Store, key: str, what: str) -> bytes:
-        """Pop queue ``key`` (the receiver's pair connection is its own while it holds the pair lock) in
-        short slices, so that ``cancel()`` releases the pair lock at once: a cancelled receiver blocked
-        here for its whole timeout would stall the pair's next transfer that long."""
+        """Pop queue ``key`` (the receiver's lane connection is its own while it holds the lane) in
+        short slices, so that ``cancel()`` releases the lane at once: a cancelled receiver blocked
+        here for its whole timeout would stall the lane's next transfer that long."""
         try:
             while True:
                 left = self._remaining(what)
@@ -170,7 +170,7 @@ class P2pTransfer(KvTransfer):
                 group.abandon(f"transfer {self.transfer_id} cancelled")
 
     def _let_go(self) -> None:
-        """Before releasing the pair lock: from now on ``cancel()`` leaves the group alone."""
+        """Before releasing the lane: from now on ``cancel()`` leaves the group alone."""
         with self._lock:
             self._group = None
 

@@ -10,6 +10,7 @@ Lifecycle: built and started by ``P2pKvClient.start_receive``; one transfer (``K
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         if taken is None:
             raise self._timed_out(f"waiting for a free lane from {sid}")
         lane, slot = taken
+        finished = False
         try:
             if slot.store is None:
                 left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
@@ -127,8 +129,14 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
                 if isinstance(exc, FenceClosed):
                     raise TransferError(self.error or "cancelled") from exc
                 raise
+            finished = True
+        except TransferRejected:
+            finished = True  # the sender ended the protocol too (a rejection, a checksum verdict)
+            raise
         finally:
             self._let_go()
+            if not finished:  # the sender may still hold its side of the lane, up to its deadline
+                slot.avoid_until = time.monotonic() + self.timeout_s
             lanes.release(slot)
 
     def _withdraw(self, store: dist.Store) -> None:

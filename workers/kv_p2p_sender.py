@@ -64,7 +64,6 @@ class P2pKvSender(P2pTransfer, KvSender):
         kind = backend_kind(self._source.device)
         offer_text = self._await_offer(f"waiting for receiver {rid} to join the transfer")
         offer, theirs, problem = self._read_offer(offer_text)
-        lane = offer.get("lane", 0) if problem is None else 0
         pages: PagedRows | None = None
         if problem is None:
             try:  # a source that fails before the answer fails both sides at once and keeps the group
@@ -77,6 +76,7 @@ class P2pKvSender(P2pTransfer, KvSender):
             raise TransferRejected(problem)
         ours = kv_segments.advertised(pages.runs) if pages is not None else None
         plan = kv_segments.plan(ours, theirs, self.layout.num_tokens, self.layout.row_nbytes)
+        lane = int(offer["lane"])  # checked by _read_offer
         slot = server.slot(rid, kind, lane)
         if not slot.lock.acquire(timeout=self._remaining(f"waiting for the previous transfer to {rid} on lane {lane}")):
             raise self._timed_out(f"waiting for the previous transfer to {rid} on lane {lane}")

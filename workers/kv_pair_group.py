@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -70,6 +71,7 @@ class PairSlot:
     store: dist.Store | None = None  # this pair's own store connection (group rendezvous, receiver offers)
     group: PairGroup | None = None
     generation: int = 0
+    avoid_until: float = 0.0  # receiver side: a failed transfer's sender may hold this lane until then
 
     def usable(self) -> PairGroup | None:
         group = self.group
@@ -85,24 +87,35 @@ DEFAULT_LANES = 4  # a receiver's concurrent transfers per sender
 MAX_LANES = 16  # the most a sender accepts per receiver (each lane is a group: sockets and threads on both sides)
 
 
+def _check_lanes(count: int) -> None:
+    if not 1 <= count <= MAX_LANES:
+        raise ValueError(f"lanes: expected 1..{MAX_LANES}, got {count}")
+
+
 class PairLanes:
     """A receiver's lanes to one sender: ``acquire`` takes the lowest free lane (its slot locked),
     ``release`` gives it back. At most ``count`` are held; a waiter waits for any of them."""
 
     def __init__(self, count: int) -> None:
-        if not 1 <= count <= MAX_LANES:
-            raise ValueError(f"lanes: expected 1..{MAX_LANES}, got {count}")
+        _check_lanes(count)
         self.slots = [PairSlot() for _ in range(count)]
         self._free = threading.Semaphore(count)
 
     def acquire(self, timeout_s: float) -> tuple[int, PairSlot] | None:
-        """(lane, its slot, locked), or None when none came free within ``timeout_s``."""
+        """(lane, its slot, locked), or None when none came free within ``timeout_s``. A lane whose last
+        transfer failed is taken only when no other is free until its ``avoid_until``: that transfer's
+        sender may still hold its side of the lane (waiting out its own deadline), and a transfer
+        offered on it would wait behind that."""
         if not self._free.acquire(timeout=max(0.0, timeout_s)):
             return None
         # a permit holder holds at most one lane lock, and every lane lock is held by one: one is free
-        for lane, slot in enumerate(self.slots):
-            if slot.lock.acquire(blocking=False):
-                return lane, slot
+        now = time.monotonic()
+        for avoiding in (True, False):
+            for lane, slot in enumerate(self.slots):
+                if avoiding and slot.avoid_until > now:
+                    continue
+                if slot.lock.acquire(blocking=False):
+                    return lane, slot
         self._free.release()
         raise RuntimeError("no free lane although a permit was granted")
 
@@ -139,7 +152,7 @@ class LaneSets:
     """Every sender's lanes on a receiver, created on first use; ``close`` drops every group."""
 
     def __init__(self, count: int) -> None:
-        PairLanes(count)  # validates count
+        _check_lanes(count)
         self.count = count
         self._lock = threading.Lock()
         self._lanes: dict[tuple[str, ...], PairLanes] = {}

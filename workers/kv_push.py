@@ -9,7 +9,7 @@ Lifecycle of one ``KvPush`` (one ``Prefill`` with ``push_to``, p2p transport onl
 
 1. ``KvPusher.prepare(request_id, target, num_tokens)``: picks the lease id and makes the
    ``LayerProgress`` the engine will report to. Nothing is sent yet: a request that waits in the
-   queue or runs earlier chunks holds no pair lock and no decode blocks.
+   queue or runs earlier chunks holds no transfer lane and no decode blocks.
 2. The engine begins the request's last forward (``LayerProgress.begin``, on the step thread): the
    push starts on the service's loop. It starts the p2p sender over a ``ProgressKvSource`` (transfer
    id ``<lease id>/push``, so it never meets a pull of the same lease in the transfer store) and
