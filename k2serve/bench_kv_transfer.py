@@ -32,9 +32,9 @@ Methods:
   (the transports end with one too).
 
 Each repetition is timed on this side from writing the command to reading the peer's "done", so
-every method pays the same pipe round trip. GB/s = rows moved (num_layers × num_tokens ×
-row_dim × dtype size) / median seconds; the ratios are against ``raw`` of the same case. GB/s counts all K requests. Every timed
-transfer must end SUCCESS on both sides.
+every method pays the same pipe round trip. GB/s = rows moved (num_layers × num_tokens × row_dim ×
+dtype size × requests in flight) / median seconds; the ratios are against ``raw`` of the same case.
+Every timed transfer must end SUCCESS on both sides.
 """
 
 from __future__ import annotations
