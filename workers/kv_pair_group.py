@@ -93,8 +93,9 @@ def _check_lanes(count: int) -> None:
 
 
 class PairLanes:
-    """A receiver's lanes to one sender: ``acquire`` takes the lowest free lane (its slot locked),
-    ``release`` gives it back. At most ``count`` are held; a waiter waits for any of them."""
+    """One pair's lanes on this side. A receiver takes them with ``acquire`` (the lowest free lane, its
+    slot locked) and gives them back with ``release``: at most ``count`` are held, and a waiter waits
+    for any of them. A sender locks the slot of the lane the receiver's offer names."""
 
     def __init__(self, count: int) -> None:
         _check_lanes(count)
@@ -129,27 +130,8 @@ class PairLanes:
                 slot.drop(slot.group, "closed")
 
 
-class PairSlots:
-    """Every peer's slot on this side, created on first use; ``close`` drops every group."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._slots: dict[tuple[str, ...], PairSlot] = {}
-
-    def get(self, key: tuple[str, ...]) -> PairSlot:
-        with self._lock:
-            return self._slots.setdefault(key, PairSlot())
-
-    def close(self) -> None:
-        with self._lock:
-            slots, self._slots = list(self._slots.values()), {}
-        for slot in slots:
-            if slot.group is not None:
-                slot.drop(slot.group, "closed")
-
-
 class LaneSets:
-    """Every sender's lanes on a receiver, created on first use; ``close`` drops every group."""
+    """Every peer's lanes on this side, created on first use; ``close`` drops every group."""
 
     def __init__(self, count: int) -> None:
         _check_lanes(count)

@@ -75,10 +75,10 @@ from k2serve.workers.kv_p2p_receiver import P2pKvReceiver
 from k2serve.workers.kv_p2p_sender import P2pKvSender
 from k2serve.workers.kv_pair_group import (
     DEFAULT_LANES,
+    MAX_LANES,
     LaneSets,
     PairLanes,
     PairSlot,
-    PairSlots,
     PointToPointBackend,
     connect_pair_group,
     route_to,
@@ -131,14 +131,14 @@ class P2pKvServer:
             name=f"kv-offers-{worker_id}",
         )
         self._nonce = secrets.token_hex(4)  # a restarted server never reuses a prefix a client has cached
-        self._slots = PairSlots()
+        self._lanes = LaneSets(MAX_LANES)  # every lane a receiver may name
 
     @property
     def rendezvous(self) -> str:
         return str(Rendezvous(self.host, self.store.port))
 
     def slot(self, receiver_id: str, kind: str, lane: int = 0) -> PairSlot:
-        return self._slots.get((receiver_id, kind, str(lane)))
+        return self._lanes.get((receiver_id, kind)).slots[lane]
 
     def pair_prefix(self, receiver_id: str, kind: str, lane: int, generation: int) -> str:
         return f"kvpair/{self._nonce}/{self.worker_id}/{receiver_id}/{kind}/l{lane}/g{generation}"
@@ -166,7 +166,7 @@ class P2pKvServer:
     def close(self) -> None:
         """Let go of every pair group; the store stops with the last reference to this server."""
         self.offers.close()
-        self._slots.close()
+        self._lanes.close()
 
 
 class P2pKvClient:
