@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from k2serve.workers.kv_segments import Runs, Segment, runs_from_breaks
+from k2serve.workers.kv_segments import Runs, Segment, run_lengths
 
 # Wire names of the cache dtypes (the KvHandle's ``dtype``) and their codes in the p2p header.
 DTYPE_NAMES = MappingProxyType({torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"})
@@ -180,10 +180,9 @@ class PagedRows:
         if len(block_ids) < needed:
             raise ValueError(f"block_ids: {num_tokens} tokens need {needed} blocks of {self.block_size}")
         self.kv = list(kv_cache)  # [L] of [num_blocks, block_size, D]
-        self.block_ids = ids = list(block_ids[:needed])
-        self._packed = _packed_ids(ids, num_blocks)
-        breaks = [j for j in range(needed - 1) if ids[j + 1] != ids[j] + 1]  # block j + 1 does not follow j
-        self.runs: Runs = runs_from_breaks(breaks, num_tokens, self.block_size)
+        self.block_ids = list(block_ids[:needed])
+        self._packed = _packed_ids(self.block_ids, num_blocks)
+        self.runs: Runs = run_lengths(self.block_ids, num_tokens, self.block_size)
 
     @cached_property
     def blocks(self) -> torch.Tensor:
