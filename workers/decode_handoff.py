@@ -53,18 +53,11 @@ from k2serve.workers.kv_transfer_metrics import KvTransferMetrics
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver
 from k2serve.workers.kv_transport_p2p import P2pKvClient
 from k2serve.workers.lease_heartbeat import LeaseHeartbeat, LeaseLostError
+from k2serve.workers.rpc_status import StatusError
 from k2serve.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 RELEASE_TIMEOUT_S = 5.0
-
-
-class HandoffError(Exception):
-    """A ``Decode`` call that ends with this gRPC status and message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class DecodeHandoff:
@@ -121,17 +114,17 @@ class DecodeHandoff:
     async def decode(
         self, request: worker_pb2.DecodeRequest, params: SamplingParams, time_left_s: float | None
     ) -> AsyncIterator[RequestOutput]:
-        """The request's deltas after the first token; ``HandoffError`` for a refusal or a failed handoff."""
+        """The request's deltas after the first token; ``StatusError`` for a refusal or a failed handoff."""
         rid, handle = request.request_id, request.kv
         try:
             self._check_fits(rid, len(request.prompt_token_ids), params)
-        except HandoffError:
+        except StatusError:
             self.pushes.refused(handle.lease_id)
             raise
         wait_s = self.wait_s if time_left_s is None else max(0.0, min(self.wait_s, time_left_s))
         finished = False  # the engine ran the request to a normal end (it owned the blocks and freed them)
         if rid in self._decoding:
-            raise HandoffError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: a Decode of {rid!r} is already running")
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: a Decode of {rid!r} is already running")
         self._decoding.add(rid)
         try:
             await self._handoff(handle, rid, wait_s)
@@ -164,7 +157,7 @@ class DecodeHandoff:
         needed = -(-min(num_prompt + max_tokens, config.max_model_len) // config.block_size)
         if needed > pool.num_blocks:
             self.metrics.handoff_ended("too_large", None)
-            raise HandoffError(
+            raise StatusError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request {rid!r} needs {needed} KV blocks ({num_prompt} prompt + {max_tokens} max_tokens tokens); "
                 f"decode rank {self.worker_id} has {pool.num_blocks} in all",
@@ -203,7 +196,7 @@ class DecodeHandoff:
                 except HandoffTimeout as exc:
                     self.metrics.handoff_ended("timed_out", wait_s)
                     pool = self.engine.pool
-                    raise HandoffError(
+                    raise StatusError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"no KV blocks within {wait_s:g} s: request {rid!r} needs {needed} for {handle.num_tokens} "
                         f"prompt tokens; decode rank {self.worker_id} has {pool.num_free_blocks} of {pool.num_blocks} "
@@ -212,12 +205,12 @@ class DecodeHandoff:
                 except HandoffAborted as exc:
                     self.metrics.handoff_ended("aborted", None)
                     release = True  # nobody will pull it
-                    raise HandoffError(grpc.StatusCode.CANCELLED, f"request {rid!r} was aborted while waiting") from exc
+                    raise StatusError(grpc.StatusCode.CANCELLED, f"request {rid!r} was aborted while waiting") from exc
                 except LeaseLostError as exc:
                     if blocks is None:  # lost while waiting: a handoff that failed without a pull
                         self.metrics.handoff_ended("lease_lost", None)
                         self.metrics.finished("receive", handle.transport or "p2p", 0, 0.0, False)
-                    raise HandoffError(
+                    raise StatusError(
                         grpc.StatusCode.UNAVAILABLE, f"prefill rank {handle.prefill_worker_id}: {exc}"
                     ) from exc
                 except BaseException:
@@ -236,7 +229,7 @@ class DecodeHandoff:
                                 timeout=RELEASE_TIMEOUT_S,
                             )
         except grpc.aio.AioRpcError as exc:
-            raise HandoffError(
+            raise StatusError(
                 grpc.StatusCode.UNAVAILABLE, f"prefill rank {handle.prefill_worker_id}: {exc.details()}"
             ) from exc
 
@@ -248,7 +241,7 @@ class DecodeHandoff:
         async def try_reserve() -> list[int] | None:
             engine = self.engine
             if engine.failure is not None:
-                raise HandoffError(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: {engine.failure}")
+                raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: {engine.failure}")
             if engine.pool.num_free_blocks < needed or engine.scheduler.num_waiting:
                 return None  # a hint read off the engine thread; the reservation itself decides
             return await self._reserve(rid, num_tokens)
@@ -269,7 +262,7 @@ class DecodeHandoff:
             call.add_done_callback(lambda done: self._undo(rid, done))
             raise
         except (RuntimeError, TimeoutError) as exc:  # the loop stopped, or is stuck
-            raise HandoffError(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: {exc!r}") from exc
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: {exc!r}") from exc
 
     def _undo(self, rid: str, done: asyncio.Future[list[int] | None]) -> None:
         if done.cancelled() or done.exception() is not None or done.result() is None:
@@ -290,10 +283,10 @@ class DecodeHandoff:
             deadline = time.monotonic() + self.transfer_timeout_s
             while (state := receiver.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
                 if time.monotonic() > deadline:
-                    raise HandoffError(grpc.StatusCode.UNAVAILABLE, "KV transfer timed out")
+                    raise StatusError(grpc.StatusCode.UNAVAILABLE, "KV transfer timed out")
                 await asyncio.sleep(0.002)
             if state is TransferState.FAILED:
-                raise HandoffError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {receiver.error}")
+                raise StatusError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {receiver.error}")
             success = True
         finally:
             if not success and receiver is not None:
@@ -310,7 +303,7 @@ class DecodeHandoff:
             )
         client = self._p2p_client()
         if client is None:
-            raise HandoffError(grpc.StatusCode.FAILED_PRECONDITION, "this rank has no p2p KV client")
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "this rank has no p2p KV client")
         # the sender first: a prefill rank that is gone or refuses (lease expired) costs no receive thread
         await stub.StartKvSend(
             worker_pb2.StartKvSendRequest(lease_id=handle.lease_id, receiver_id=self.worker_id), timeout=10.0

@@ -13,15 +13,10 @@ senders through the rank's ``FaultInjector``.
 
 Roles (``options.role``):
 - ``mixed`` (colocated): ``Generate``;
-- ``prefill``: ``Prefill`` computes the prompt and the first token with ``hold_kv``, grants a lease
-  on the pinned blocks (``KvLeaseTable``) and returns a ``KvHandle``; ``StartKvSend`` (p2p) or
-  ``PullKv`` (gRPC stream) move the rows; ``RenewKv`` (the decode rank's heartbeat, every third of
-  ``lease_ttl_s`` while it waits or pulls) extends the lease; ``ReleaseKv``, ``Abort`` of the request
-  or lease expiry (checked every ``min(1 s, ttl / 4)``: a dead or hung decode rank's lease ends
-  within ttl + that period of its last beat) unpin them, after stopping a sender that may still read
-  them (unless the receiver reported success). A prefill whose group fails under it ends with
-  UNAVAILABLE and the group's error; whatever a ``Prefill`` holds before its lease exists (its caller
-  gone, a failure) is released by that call;
+- ``prefill``: ``Prefill``, ``StartKvSend`` (p2p), ``PullKv`` (gRPC stream), ``RenewKv`` and
+  ``ReleaseKv`` are ``PrefillHandoff``'s (prefill_handoff.py): it prefills with ``hold_kv``, grants a
+  lease on the pinned blocks and returns a ``KvHandle``, moves the rows, and unpins them on release,
+  ``Abort`` of the request or lease expiry (checked here every ``min(1 s, ttl / 4)``);
 - ``decode``: ``Decode`` is ``DecodeHandoff``'s (decode_handoff.py): it waits, bounded and first come
   first served, for the prompt's KV blocks, renews the lease meanwhile, pulls the KV named by the
   handle, always releases the lease once a pull was tried, then streams the tokens after the first.
@@ -59,25 +54,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
-from k2serve.workers.decode_handoff import DecodeHandoff, HandoffError
-from k2serve.workers.engine import Engine, EngineFailedError, RequestOutput
+from k2serve.workers.decode_handoff import DecodeHandoff
+from k2serve.workers.engine import Engine
 from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.fault_plan import FaultInjector, FaultPlan
 from k2serve.workers.group_rank import GroupRank
-from k2serve.workers.kv_lease import KvLeaseTable, Lease
-from k2serve.workers.kv_push import KvPush, KvPusher
-from k2serve.workers.kv_transfer import (
-    CacheKvSource,
-    KvLayout,
-    KvTransfer,
-    TransferError,
-    TransferState,
-)
-from k2serve.workers.kv_transport_grpc import kv_chunks
-from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
+from k2serve.workers.kv_lease import KvLeaseTable
+from k2serve.workers.kv_transport_p2p import P2pKvClient
 from k2serve.workers.metrics_endpoint import MetricsEndpoint
+from k2serve.workers.prefill_handoff import PrefillHandoff, PrefillSettings, cache_layout
+from k2serve.workers.rpc_status import StatusError, status_codes
 from k2serve.workers.sampling_params import SamplingParams
-from k2serve.workers.wire_format import delta_to_proto, logprobs_to_proto, sampling_from_proto, usage_to_proto
+from k2serve.workers.wire_format import delta_to_proto, sampling_from_proto
 from k2serve.workers.worker_metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -119,25 +107,6 @@ class WorkerOptions:
             raise ValueError(f"transport: expected p2p or grpc, got {self.transport!r}")
 
 
-class _RpcError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@contextlib.asynccontextmanager
-async def _status_codes(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Typed failures inside an RPC -> its gRPC status (``context.abort`` raises and ends the RPC)."""
-    try:
-        yield
-    except (_RpcError, HandoffError) as exc:
-        await context.abort(exc.code, str(exc))
-    except ValueError as exc:  # SamplingParamsError, RequestValidationError: the message names the field
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except EngineFailedError as exc:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-
-
 class WorkerServer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, rank: GroupRank, options: WorkerOptions) -> None:
         self.rank = rank
@@ -152,15 +121,22 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self.server: grpc.aio.Server | None = None
         self.address = ""
         self.draining = False
-        self._p2p_server: P2pKvServer | None = None
         self._p2p_client: P2pKvClient | None = None
         self._expiry_task: asyncio.Task[None] | None = None
-        self._senders: dict[str, KvTransfer] = {}  # lease id -> its p2p sender (kept until the lease ends)
-        self._pusher: KvPusher | None = None  # prefill role: pushes to the decode rank a Prefill names
-        self._layout_dtype = str(rank.engine.kv_cache[0].dtype).removeprefix("torch.")
         self.metrics = WorkerMetrics(options.model_name, rank.engine.config.max_model_len)
         leases = self.leases if options.role != "decode" else None
         self.metrics.attach(rank.engine, leases, rank.dispatcher, rank.balancer)
+        settings = PrefillSettings(
+            options.worker_id,
+            options.host,
+            options.transport,
+            options.transfer_timeout_s,
+            options.checksum,
+            options.stop_token_ids,
+        )
+        self.prefill_handoff = PrefillHandoff(
+            settings, rank.engine, self.loop, self.leases, self.metrics.kv, self.faults, _CHANNEL_OPTIONS
+        )
         self.handoff = DecodeHandoff(
             options.worker_id,
             rank.engine,
@@ -179,17 +155,6 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def start(cls, rank: GroupRank, options: WorkerOptions) -> WorkerServer:
         self = cls(rank, options)
         self.loop.start()
-        if options.role in ("prefill", "mixed"):
-            self._p2p_server = P2pKvServer(options.worker_id, options.host, options.transfer_timeout_s)
-            self._pusher = KvPusher(
-                self._p2p_server,
-                rank.engine.kv_cache,
-                timeout_s=options.transfer_timeout_s,
-                checksum=options.checksum,
-                next_fault=self.faults.next_kv_send,
-                on_sender_done=self._count_sent,
-                channel_options=_CHANNEL_OPTIONS,
-            )
         if options.role in ("decode", "mixed"):
             self._p2p_client = P2pKvClient(options.worker_id, options.transfer_timeout_s)
         server = grpc.aio.server(options=_CHANNEL_OPTIONS)
@@ -202,6 +167,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         await server.start()
         self.server = server
         self.address = f"{options.host}:{port}"
+        if options.role in ("prefill", "mixed"):
+            self.prefill_handoff.start(self.address)
         if options.metrics_port is not None:
             self.metrics_endpoint = self.metrics.serve(options.host, options.metrics_port)
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases(), name="lease-expiry")
@@ -244,18 +211,10 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             await self.server.stop(grace_s)
         with contextlib.suppress(TimeoutError):
             await self.loop.stop(timeout_s=grace_s)
-        for lease in self.leases.expire_all():
-            sender = self._senders.pop(lease.lease_id, None)
-            if sender is not None:
-                sender.cancel("the rank is stopping")
-            self.engine.release_kv(lease.request_id)  # the loop is stopped: nothing else touches the engine
+        await self.prefill_handoff.stop()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
-        if self._p2p_server is not None:
-            self._p2p_server.close()
         await self.handoff.pushes.close()
-        if self._pusher is not None:
-            await self._pusher.close()
         if self._p2p_client is not None:
             self._p2p_client.close()
 
@@ -294,7 +253,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TokenDelta]:
-        async with _status_codes(context):
+        async with status_codes(context):
             self._admit(context, "mixed")
             params = self._params(request.sampling)
             stream = await self.loop.generate(
@@ -313,120 +272,15 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
-        async with _status_codes(context):
+        async with status_codes(context):
             self._admit(context, "prefill")
-            params = self._params(request.sampling)
-            if params.n != 1:
-                raise ValueError("n: disaggregated requests take n = 1")
-            transport = request.transport or self.options.transport
-            if transport not in ("p2p", "grpc"):
-                raise ValueError(f"transport: expected p2p or grpc, got {transport!r}")
-            return await self._prefill_and_lease(request, params, transport)
+            return await self.prefill_handoff.prefill(request, self._params(request.sampling))
         raise AssertionError("unreachable: context.abort raises")
-
-    async def _prefill_and_lease(
-        self, request: worker_pb2.PrefillRequest, params: SamplingParams, transport: str
-    ) -> worker_pb2.PrefillResponse:
-        """Prefill, then lease the held KV (or release it when the request ends here). Until the lease is
-        in the table nothing else would ever release the held blocks, so every other exit (the caller
-        gone, the group failed under the request, a failed call) releases them here, and stops a push."""
-        rid = request.request_id
-        push = self._prepare_push(request, transport)
-        leased = False
-        try:
-            try:
-                first = await self._prefill(request, params, push)
-            except (ValueError, EngineFailedError):
-                raise  # refused at admission: this call holds nothing (the id may be another call's)
-            except BaseException:
-                await asyncio.shield(self._release_held(rid))  # e.g. the caller left: it may have finished
-                raise
-            try:
-                if first.finish_reason == "error" or not first.new_token_ids:
-                    raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or f"the prefill of {rid!r} ended early")
-                response = worker_pb2.PrefillResponse(request_id=rid, first_token_id=first.new_token_ids[0])
-                response.first_logprobs.extend(logprobs_to_proto(first.logprobs))
-                held = await self.loop.call(lambda e: e.held_kv(rid))
-                if held is None:
-                    raise _RpcError(grpc.StatusCode.UNAVAILABLE, first.error or "the prefill failed")
-                assert first.usage is not None
-                response.usage.CopyFrom(usage_to_proto(first.usage))
-                ends = first.finish_reason == "stop" or params.max_tokens == 1
-                if ends or (first.new_token_ids[0] in self.options.stop_token_ids and not params.ignore_eos):
-                    response.finish_reason = (
-                        "length" if params.max_tokens == 1 and first.finish_reason != "stop" else "stop"
-                    )
-                    return response
-                layout = self._layout(held.num_tokens)
-                lease_id = push.lease_id if push is not None else None
-                lease = self.leases.grant(rid, held.block_ids, held.num_tokens, layout, lease_id=lease_id)
-                leased = True
-                response.sampler_state = held.sampler_state
-                response.kv.CopyFrom(self._handle(lease.lease_id, held.num_tokens, transport))
-                if push is not None and push.sender is not None and not push.ended:
-                    self._senders[lease.lease_id] = push.sender  # ended like a pull's sender from here on
-                    response.kv.pushed_to = push.target.worker_id
-                return response
-            finally:
-                if not leased:
-                    await asyncio.shield(self._release_held(rid))
-        finally:
-            if push is not None and not leased:
-                push.cancel("the prefill ended without a lease")
-
-    def _prepare_push(self, request: worker_pb2.PrefillRequest, transport: str) -> KvPush | None:
-        """A push to the rank ``push_to`` names, when asked for and possible here (p2p); else the pull."""
-        one_token = request.sampling.HasField("max_tokens") and request.sampling.max_tokens == 1
-        if not request.HasField("push_to") or transport != "p2p" or self._pusher is None or one_token:
-            return None  # (a request of one token ends with the prefill: nothing to decode)
-        target = request.push_to
-        if not target.worker_id or not target.address:
-            raise ValueError("push_to: worker_id and address are both required")
-        handle = self._handle("", len(request.prompt_token_ids), transport)
-        handle.ClearField("lease_expires_unix_ms")
-        max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
-        return self._pusher.prepare(request.request_id, target, handle, max_tokens)
-
-    def _handle(self, lease_id: str, num_tokens: int, transport: str) -> worker_pb2.KvHandle:
-        layout = self._layout(num_tokens)
-        return worker_pb2.KvHandle(
-            lease_id=lease_id,
-            prefill_worker_id=self.options.worker_id,
-            prefill_address=self.address,
-            transfer_rendezvous=self._p2p_server.rendezvous if self._p2p_server else "",
-            transport=transport,
-            num_tokens=num_tokens,
-            num_layers=layout.num_layers,
-            row_dim=layout.row_dim,
-            dtype=self._layout_dtype,
-            lease_expires_unix_ms=int((time.time() + self.options.lease_ttl_s) * 1000),
-            lease_ttl_s=self.options.lease_ttl_s,
-            checksum=self.options.checksum,
-        )
-
-    async def _prefill(
-        self, request: worker_pb2.PrefillRequest, params: SamplingParams, push: KvPush | None
-    ) -> RequestOutput:
-        one = dataclasses.replace(params, max_tokens=1)
-        stream = await self.loop.generate(
-            request.request_id,
-            list(request.prompt_token_ids),
-            one,
-            priority=request.priority,
-            cache_salt=request.cache_salt or None,
-            hold_kv=True,
-            kv_progress=push.progress if push is not None else None,
-        )
-        last: RequestOutput | None = None
-        async for output in stream:
-            last = output
-        assert last is not None and last.finished
-        return last
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TokenDelta]:
-        async with _status_codes(context):
+        async with status_codes(context):
             self._admit(context, "decode")
             params = self._params(request.sampling)
             self._check_handle(request)
@@ -436,7 +290,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def AcceptKv(
         self, request: worker_pb2.AcceptKvRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AcceptKvResponse:
-        async with _status_codes(context):
+        async with status_codes(context):
             self._admit(context, "decode")
             handle = request.kv
             if not request.request_id or not handle.lease_id or not handle.transfer_rendezvous:
@@ -450,69 +304,31 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def StartKvSend(
         self, request: worker_pb2.StartKvSendRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.StartKvSendResponse:
-        lease = self.leases.get(request.lease_id)
-        if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} is unknown or expired")
-        if self._p2p_server is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this rank does not send KV caches")
-        assert lease is not None and self._p2p_server is not None
-        source = CacheKvSource(self.engine.kv_cache, lease.block_ids, lease.num_tokens)
-        earlier = self._senders.pop(request.lease_id, None)
-        if earlier is not None:  # a retry from another decode rank: one sender per lease reads the blocks
-            earlier.cancel("replaced by a new send of the same lease")
-        sender = self._p2p_server.start_send(
-            request.lease_id,
-            request.receiver_id,
-            source,
-            checksum=self.options.checksum,
-            fault=self.faults.next_kv_send(),
-        )
-        self._senders[request.lease_id] = sender
-        sender.add_done_callback(self._count_sent)
-        return worker_pb2.StartKvSendResponse(transfer_id=request.lease_id)
+        async with status_codes(context):
+            transfer_id = self.prefill_handoff.start_send(request.lease_id, request.receiver_id)
+            return worker_pb2.StartKvSendResponse(transfer_id=transfer_id)
+        raise AssertionError("unreachable: context.abort raises")
 
     async def PullKv(
         self, request: worker_pb2.PullKvRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.KvChunk]:
-        lease = self.leases.get(request.lease_id)
-        if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} is unknown or expired")
-        assert lease is not None
-        source = CacheKvSource(self.engine.kv_cache, lease.block_ids, lease.num_tokens)
-        started, moved, ok = time.monotonic(), 0, False
-        fault = self.faults.next_kv_send()
-        try:
-            await asyncio.sleep(fault.delay_s)
-            for chunk in kv_chunks(source, checksum=self.options.checksum, fault=fault):
-                if self.leases.get(request.lease_id) is None:  # released or expired: the blocks may be reused
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} ended during the pull")
-                moved += len(chunk.data)
+        async with status_codes(context):
+            async for chunk in self.prefill_handoff.pull(request.lease_id):
                 yield chunk
-            ok = True
-        except TransferError as exc:  # an injected drop
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        finally:
-            self.metrics.kv.finished("send", "grpc", moved, time.monotonic() - started, ok)
 
     async def ReleaseKv(
         self, request: worker_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReleaseKvResponse:
-        lease = self.leases.release(request.lease_id)
-        if lease is None:
-            return worker_pb2.ReleaseKvResponse(released=False)
-        # after a success the sender reads nothing more (the receiver had every row); else stop it first
-        await self._end_lease(lease, None if request.success else "the receiver released the lease")
-        return worker_pb2.ReleaseKvResponse(released=True)
+        released = await self.prefill_handoff.release(request.lease_id, request.success)
+        return worker_pb2.ReleaseKvResponse(released=released)
 
     async def RenewKv(
         self, request: worker_pb2.RenewKvRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.RenewKvResponse:
-        lease = self.leases.renew(request.lease_id)
-        if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"lease {request.lease_id!r} is unknown or expired")
-        self.metrics.kv.lease_renewed()
-        ttl = self.leases.ttl_s
-        return worker_pb2.RenewKvResponse(ttl_s=ttl, lease_expires_unix_ms=int((time.time() + ttl) * 1000))
+        async with status_codes(context):
+            ttl = self.prefill_handoff.renew(request.lease_id)
+            return worker_pb2.RenewKvResponse(ttl_s=ttl, lease_expires_unix_ms=int((time.time() + ttl) * 1000))
+        raise AssertionError("unreachable: context.abort raises")
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -526,9 +342,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         finally:
             if not answered:  # the caller's deadline cut the call short: the abort itself must not be lost
                 self.loop.abort(rid)
-        for lease in self.leases.release_request(rid):  # a prefilled request nobody will pull
-            await self._end_lease(lease, "the request was aborted")
-            found = True
+        found = await self.prefill_handoff.abort(rid) or found  # a prefilled request nobody will pull
         return worker_pb2.AbortResponse(found=found)
 
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> worker_pb2.Load:
@@ -538,11 +352,11 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
 
     def _admit(self, context: grpc.aio.ServicerContext, role: Role) -> None:
         if self.draining:
-            raise _RpcError(grpc.StatusCode.UNAVAILABLE, f"worker {self.options.worker_id} is draining")
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {self.options.worker_id} is draining")
         if self.engine.failure is not None:
-            raise _RpcError(grpc.StatusCode.UNAVAILABLE, f"worker {self.options.worker_id}: {self.engine.failure}")
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {self.options.worker_id}: {self.engine.failure}")
         if self.options.role not in (role, "mixed"):
-            raise _RpcError(
+            raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.options.worker_id} is a {self.options.role} rank"
             )
 
@@ -552,10 +366,6 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             stops = tuple(dict.fromkeys((*params.stop_token_ids, *self.options.stop_token_ids)))
             params = dataclasses.replace(params, stop_token_ids=stops)
         return params
-
-    def _layout(self, num_tokens: int) -> KvLayout:
-        cache = self.engine.kv_cache
-        return KvLayout(len(cache), num_tokens, cache[0].shape[-1], cache[0].dtype)
 
     def _check_handle(self, request: worker_pb2.DecodeRequest) -> None:
         handle = request.kv
@@ -568,45 +378,19 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     def _check_layout(self, handle: worker_pb2.KvHandle) -> None:
         if handle.num_tokens < 1:
             raise ValueError(f"kv.num_tokens: must be >= 1, got {handle.num_tokens}")
-        expected = self._layout(handle.num_tokens)
+        expected = cache_layout(self.engine, handle.num_tokens)
         if (handle.num_layers, handle.row_dim, handle.dtype) != (
             expected.num_layers,
             expected.row_dim,
-            self._layout_dtype,
+            expected.dtype_name,
         ):
             raise ValueError(
                 f"kv: layout {handle.num_layers} layers × {handle.row_dim} {handle.dtype} does not match this "
-                f"rank's {expected.num_layers} × {expected.row_dim} {self._layout_dtype}"
+                f"rank's {expected.num_layers} × {expected.row_dim} {expected.dtype_name}"
             )
 
     async def _expire_leases(self) -> None:
-        period = min(1.0, self.leases.ttl_s / 4)  # a stranded lease ends within ttl + period of its last renewal
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self.prefill_handoff.expiry_period_s)
             await self.handoff.pushes.expire()
-            for lease in self.leases.expire():
-                logger.warning("lease %s of %s expired unclaimed", lease.lease_id, lease.request_id)
-                await self._end_lease(lease, "the lease expired")
-
-    def _count_sent(self, sender: KvTransfer) -> None:
-        ok = sender.poll() is TransferState.SUCCESS
-        self.metrics.kv.finished("send", "p2p", sender.bytes_moved, sender.seconds, ok)
-
-    async def _release_kv(self, request_id: str) -> None:
-        await self.loop.call(lambda e: e.release_kv(request_id))
-
-    async def _end_lease(self, lease: Lease, cancel_reason: str | None) -> None:
-        """Unpin a lease's blocks; with ``cancel_reason``, first stop a sender that may still read them
-        (``cancel`` returns once it no longer touches its source)."""
-        sender = self._senders.pop(lease.lease_id, None)
-        if sender is not None and cancel_reason is not None:
-            sender.cancel(cancel_reason)
-        # the lease is gone from the table already: the unpin must happen even if this caller is cancelled
-        await asyncio.shield(self._release_kv(lease.request_id))
-
-    async def _release_held(self, request_id: str) -> None:
-        """``_release_kv`` on a path that is already failing: a stopped loop must not hide the first error."""
-        try:
-            await self._release_kv(request_id)
-        except (RuntimeError, TimeoutError) as exc:
-            logger.warning("%s: could not release the held KV of %s: %s", self.options.worker_id, request_id, exc)
+            await self.prefill_handoff.expire()
