@@ -19,7 +19,7 @@ Shape of the file (every section but ``model`` and ``pools`` is optional)::
     ray:         {address: null, namespace: k2serve, num_cpus: null, detached: false, auth: token}
     network:     {interface_host: 127.0.0.1}   # or "node": each node's Ray IP address
     registry:    {port: 0}
-    kv_transfer: {transport: p2p, lease_ttl_s: 30, handoff_wait_s: 30, checksum: false}
+    kv_transfer: {transport: p2p, lease_ttl_s: 30, handoff_wait_s: 30, checksum: false, timeout_s: 30, lanes: 4}
     health:      {interval_s: 5, timeout_s: 3, failures: 3, start_timeout_s: 900}
     restart:     {max_restarts: 5, backoff_initial_s: 1, backoff_max_s: 60, reset_after_s: 600}
     metrics:     {worker_port: 0, controller_port: 0}   # /metrics of each rank and the controller (0 = any port)
@@ -88,12 +88,17 @@ class RegistrySettings:
     port: int = 0  # Registry gRPC port on network.interface_host; 0 = any free port
 
 
+MAX_KV_LANES = 16  # = kv_pair_group.MAX_LANES (a test checks), not imported: this module loads without torch
+
+
 @dataclass(frozen=True)
 class KvTransferSettings:
     transport: KvTransport = "p2p"
     lease_ttl_s: float = 30.0  # a prefill rank holds the KV this long past the decode rank's last renewal
     handoff_wait_s: float = 30.0  # a decode rank waits this long (FIFO) for free KV blocks before refusing
     checksum: bool = False  # CRC32 per layer: a corrupted transfer fails (and is re-prefilled) instead of decoding
+    timeout_s: float = 30.0  # one transfer, both sides, from its start to the acknowledgement
+    lanes: int = 4  # p2p: transfers one decode rank runs at once with one prefill rank (1..16)
 
 
 @dataclass(frozen=True)
@@ -308,7 +313,11 @@ def _read_kv_transfer(r: ConfigReader) -> KvTransferSettings:
         r.number("lease_ttl_s", d.lease_ttl_s, positive=True),
         r.number("handoff_wait_s", d.handoff_wait_s, positive=True),
         r.flag("checksum", d.checksum),
+        r.number("timeout_s", d.timeout_s, positive=True),
+        r.integer("lanes", d.lanes, minimum=1),
     )
+    if out.lanes > MAX_KV_LANES:
+        raise ClusterConfigError(r.where("lanes"), f"must be <= {MAX_KV_LANES}, got {out.lanes}")
     r.finish()
     return out
 

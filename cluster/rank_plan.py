@@ -54,6 +54,8 @@ def worker_options_dict(config: ClusterConfig, pool: PoolConfig, worker_id: str)
         "lease_ttl_s": config.kv_transfer.lease_ttl_s,
         "handoff_wait_s": config.kv_transfer.handoff_wait_s,
         "checksum": config.kv_transfer.checksum,
+        "transfer_timeout_s": config.kv_transfer.timeout_s,
+        "kv_lanes": config.kv_transfer.lanes,
         "model_name": config.served_model_name,
         "metrics_port": config.metrics.worker_port,
     }

@@ -77,7 +77,7 @@ def test_yaml_file_and_to_dict_round_trip(tmp_path: Path) -> None:
         "router": {"host": "127.0.0.1", "port": 8001, "grpc_port": 50052, "policy": "least_loaded"},
         "ray": {"address": "10.0.0.1:6379", "namespace": "prod", "detached": True},
         "network": {"interface_host": "node"},
-        "kv_transfer": {"transport": "grpc", "lease_ttl_s": 12},
+        "kv_transfer": {"transport": "grpc", "lease_ttl_s": 12, "timeout_s": 9, "lanes": 2},
         "health": {"interval_s": 1, "timeout_s": 0.5, "failures": 2, "start_timeout_s": 60},
         "restart": {"max_restarts": 2, "backoff_initial_s": 0.1, "backoff_max_s": 1, "reset_after_s": 30},
     }
@@ -86,6 +86,7 @@ def test_yaml_file_and_to_dict_round_trip(tmp_path: Path) -> None:
     config = ClusterConfig.from_yaml(path)
     assert config.router.policy == "least_loaded" and config.ray.namespace == "prod" and config.ray.detached
     assert config.kv_transfer.transport == "grpc" and config.kv_transfer.lease_ttl_s == 12.0
+    assert (config.kv_transfer.timeout_s, config.kv_transfer.lanes) == (9.0, 2)
     assert config.health.failures == 2 and config.restart.backoff_max_s == 1.0
     assert ClusterConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
 
@@ -140,6 +141,9 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
         (lambda d: d.update(kv_transfer={"lease_ttl_s": 0}), "kv_transfer.lease_ttl_s"),
         (lambda d: d.update(kv_transfer={"handoff_wait_s": -1}), "kv_transfer.handoff_wait_s"),
         (lambda d: d.update(kv_transfer={"checksum": "yes"}), "kv_transfer.checksum"),
+        (lambda d: d.update(kv_transfer={"lanes": 0}), "kv_transfer.lanes"),
+        (lambda d: d.update(kv_transfer={"lanes": 17}), "kv_transfer.lanes"),
+        (lambda d: d.update(kv_transfer={"timeout_s": 0}), "kv_transfer.timeout_s"),
         (lambda d: d.update(router={"migration_limit": -1}), "router.migration_limit"),
         (lambda d: d.update(router={"stall_timeout_s": "x"}), "router.stall_timeout_s"),
         (lambda d: d.update(health={"failures": 0}), "health.failures"),
@@ -209,9 +213,23 @@ def test_rank_plan_builds_the_rank_spec_and_resolves_a_memory_budget(model_dir: 
         "lease_ttl_s": 30.0,
         "handoff_wait_s": 30.0,
         "checksum": False,
+        "transfer_timeout_s": 30.0,
+        "kv_lanes": 4,
         "model_name": model_dir.name,
         "metrics_port": 0,
     }
+
+
+def test_kv_lanes_bound_matches_the_transport_and_worker_options_check_it() -> None:
+    from k2serve.cluster.config import MAX_KV_LANES
+    from k2serve.workers.kv_pair_group import MAX_LANES
+    from k2serve.workers.service import WorkerOptions
+
+    assert MAX_KV_LANES == MAX_LANES
+    assert WorkerOptions("d0", "decode", kv_lanes=MAX_LANES).kv_lanes == MAX_LANES
+    for bad in (0, MAX_LANES + 1):
+        with pytest.raises(ValueError, match="kv_lanes"):
+            WorkerOptions("d0", "decode", kv_lanes=bad)
 
 
 def test_interface_host_node_means_the_ray_node_ip() -> None:

@@ -60,6 +60,7 @@ from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.fault_plan import FaultInjector, FaultPlan
 from k2serve.workers.group_rank import GroupRank
 from k2serve.workers.kv_lease import KvLeaseTable
+from k2serve.workers.kv_pair_group import DEFAULT_LANES, MAX_LANES
 from k2serve.workers.kv_transport_p2p import P2pKvClient
 from k2serve.workers.metrics_endpoint import MetricsEndpoint
 from k2serve.workers.prefill_handoff import PrefillHandoff, PrefillSettings, cache_layout
@@ -92,6 +93,7 @@ class WorkerOptions:
     transfer_timeout_s: float = 30.0
     handoff_wait_s: float = 30.0  # longest a Decode waits for free KV blocks (or its deadline, if sooner)
     checksum: bool = False
+    kv_lanes: int = DEFAULT_LANES  # p2p transfers this rank (decode) runs at once with one prefill rank
     stop_token_ids: tuple[int, ...] = ()
     model_name: str = ""  # the model_name label of its metrics
     metrics_port: int | None = None  # serve /metrics over HTTP on host (0 = any free port); None = no endpoint
@@ -103,6 +105,8 @@ class WorkerOptions:
             raise ValueError(f"role: expected prefill, decode or mixed, got {self.role!r}")
         if self.max_step_failures < 1:
             raise ValueError(f"max_step_failures: must be >= 1, got {self.max_step_failures}")
+        if not 1 <= self.kv_lanes <= MAX_LANES:
+            raise ValueError(f"kv_lanes: expected 1..{MAX_LANES}, got {self.kv_lanes}")
         if self.transport not in ("p2p", "grpc"):
             raise ValueError(f"transport: expected p2p or grpc, got {self.transport!r}")
 
@@ -156,7 +160,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self = cls(rank, options)
         self.loop.start()
         if options.role in ("decode", "mixed"):
-            self._p2p_client = P2pKvClient(options.worker_id, options.transfer_timeout_s)
+            self._p2p_client = P2pKvClient(options.worker_id, options.transfer_timeout_s, lanes=options.kv_lanes)
         server = grpc.aio.server(options=_CHANNEL_OPTIONS)
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
