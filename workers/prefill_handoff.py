@@ -1,8 +1,9 @@
 """``PrefillHandoff``: the prefill side of the prefill → decode handoff of one rank (``Prefill``,
 ``StartKvSend``, ``PullKv``, ``ReleaseKv``, ``RenewKv`` and the lease part of ``Abort``).
 
-Lifecycle: ``WorkerServer`` builds one per rank and calls ``start(address)`` once its gRPC server
-is bound (a prefill or mixed rank then hosts a ``P2pKvServer`` and a ``KvPusher``), delegates those
+Lifecycle: ``WorkerServer`` builds one per rank; on a prefill or mixed rank it calls ``start()``
+(which hosts a ``P2pKvServer`` and a ``KvPusher``) before its gRPC server starts, and sets
+``address`` once that server is bound (every ``KvHandle`` names it). It delegates those
 RPCs once it has checked the role and the sampling, runs ``expire()`` every ``expiry_period_s``, and
 ``stop()`` last. A request goes through:
 
@@ -91,10 +92,9 @@ class PrefillHandoff:
         self._pusher: KvPusher | None = None  # pushes to the decode rank a Prefill names
         self._senders: dict[str, KvTransfer] = {}  # lease id -> its p2p sender (kept until the lease ends)
 
-    def start(self, address: str) -> None:
-        """Host the transfer store and the pusher (call once the rank's service is bound)."""
+    def start(self) -> None:
+        """Host the transfer store and the pusher."""
         s = self.settings
-        self.address = address
         self._p2p_server = P2pKvServer(s.worker_id, s.host, s.transfer_timeout_s)
         self._pusher = KvPusher(
             self._p2p_server,

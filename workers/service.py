@@ -159,6 +159,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
     async def start(cls, rank: GroupRank, options: WorkerOptions) -> WorkerServer:
         self = cls(rank, options)
         self.loop.start()
+        if options.role in ("prefill", "mixed"):
+            self.prefill_handoff.start()
         if options.role in ("decode", "mixed"):
             self._p2p_client = P2pKvClient(options.worker_id, options.transfer_timeout_s, lanes=options.kv_lanes)
         server = grpc.aio.server(options=_CHANNEL_OPTIONS)
@@ -170,9 +172,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             raise OSError(f"cannot bind the worker service to {options.host}:{options.port}")
         await server.start()
         self.server = server
-        self.address = f"{options.host}:{port}"
-        if options.role in ("prefill", "mixed"):
-            self.prefill_handoff.start(self.address)
+        self.address = self.prefill_handoff.address = f"{options.host}:{port}"
         if options.metrics_port is not None:
             self.metrics_endpoint = self.metrics.serve(options.host, options.metrics_port)
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases(), name="lease-expiry")
