@@ -49,6 +49,7 @@ from k2serve.workers.kv_transport_p2p import P2pKvServer
 from k2serve.workers.rpc_status import StatusError
 from k2serve.workers.sampling_params import SamplingParams
 from k2serve.workers.wire_format import logprobs_to_proto, usage_to_proto
+from k2serve.workers.worker_options import WorkerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +60,12 @@ def cache_layout(engine: Engine, num_tokens: int) -> KvLayout:
     return KvLayout(len(cache), num_tokens, cache[0].shape[-1], cache[0].dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefillSettings:
-    """What the prefill side takes from ``WorkerOptions``."""
-
-    worker_id: str
-    host: str  # the interface of the transfer store
-    transport: str  # the default of a Prefill that names none
-    transfer_timeout_s: float
-    checksum: bool
-    stop_token_ids: tuple[int, ...]
-
-
 class PrefillHandoff:
     """One rank's leases and KV senders (see the module docstring)."""
 
     def __init__(
         self,
-        settings: PrefillSettings,
+        options: WorkerOptions,
         engine: Engine,
         loop: EngineLoop,
         leases: KvLeaseTable,
@@ -84,7 +73,7 @@ class PrefillHandoff:
         faults: FaultInjector,
         channel_options: Sequence[tuple[str, Any]],
     ) -> None:
-        self.settings = settings
+        self.options = options
         self.engine, self.loop, self.leases, self.metrics, self.faults = engine, loop, leases, metrics, faults
         self._channel_options = list(channel_options)
         self.address = ""  # the rank's Worker service (goes into every KvHandle)
@@ -94,13 +83,13 @@ class PrefillHandoff:
 
     def start(self) -> None:
         """Host the transfer store and the pusher."""
-        s = self.settings
-        self._p2p_server = P2pKvServer(s.worker_id, s.host, s.transfer_timeout_s)
+        o = self.options
+        self._p2p_server = P2pKvServer(o.worker_id, o.host, o.transfer_timeout_s)
         self._pusher = KvPusher(
             self._p2p_server,
             self.engine.kv_cache,
-            timeout_s=s.transfer_timeout_s,
-            checksum=s.checksum,
+            timeout_s=o.transfer_timeout_s,
+            checksum=o.checksum,
             next_fault=self.faults.next_kv_send,
             on_sender_done=self._count_sent,
             channel_options=self._channel_options,
@@ -128,7 +117,7 @@ class PrefillHandoff:
         """Step 1: prefill, then lease the held KV (or release it when the request ends here)."""
         if params.n != 1:
             raise ValueError("n: disaggregated requests take n = 1")
-        transport = request.transport or self.settings.transport
+        transport = request.transport or self.options.transport
         if transport not in ("p2p", "grpc"):
             raise ValueError(f"transport: expected p2p or grpc, got {transport!r}")
         rid = request.request_id
@@ -153,7 +142,7 @@ class PrefillHandoff:
                 assert first.usage is not None
                 response.usage.CopyFrom(usage_to_proto(first.usage))
                 ends = first.finish_reason == "stop" or params.max_tokens == 1
-                if ends or (first.new_token_ids[0] in self.settings.stop_token_ids and not params.ignore_eos):
+                if ends or (first.new_token_ids[0] in self.options.stop_token_ids and not params.ignore_eos):
                     response.finish_reason = (
                         "length" if params.max_tokens == 1 and first.finish_reason != "stop" else "stop"
                     )
@@ -193,7 +182,7 @@ class PrefillHandoff:
         ttl = self.leases.ttl_s
         return worker_pb2.KvHandle(
             lease_id=lease_id,
-            prefill_worker_id=self.settings.worker_id,
+            prefill_worker_id=self.options.worker_id,
             prefill_address=self.address,
             transfer_rendezvous=self._p2p_server.rendezvous if self._p2p_server else "",
             transport=transport,
@@ -203,7 +192,7 @@ class PrefillHandoff:
             dtype=layout.dtype_name,
             lease_expires_unix_ms=int((time.time() + ttl) * 1000),
             lease_ttl_s=ttl,
-            checksum=self.settings.checksum,
+            checksum=self.options.checksum,
         )
 
     async def _prefill(
@@ -237,7 +226,7 @@ class PrefillHandoff:
         if earlier is not None:  # a retry from another decode rank: one sender per lease reads the blocks
             earlier.cancel("replaced by a new send of the same lease")
         sender = self._p2p_server.start_send(
-            lease_id, receiver_id, source, checksum=self.settings.checksum, fault=self.faults.next_kv_send()
+            lease_id, receiver_id, source, checksum=self.options.checksum, fault=self.faults.next_kv_send()
         )
         self._senders[lease_id] = sender
         sender.add_done_callback(self._count_sent)
@@ -251,7 +240,7 @@ class PrefillHandoff:
         fault = self.faults.next_kv_send()
         try:
             await asyncio.sleep(fault.delay_s)
-            for chunk in kv_chunks(source, checksum=self.settings.checksum, fault=fault):
+            for chunk in kv_chunks(source, checksum=self.options.checksum, fault=fault):
                 if self.leases.get(lease_id) is None:  # released or expired: the blocks may be reused
                     raise StatusError(grpc.StatusCode.NOT_FOUND, f"lease {lease_id!r} ended during the pull")
                 moved += len(chunk.data)
@@ -321,4 +310,4 @@ class PrefillHandoff:
         try:
             await self._release_kv(request_id)
         except (RuntimeError, TimeoutError) as exc:
-            logger.warning("%s: could not release the held KV of %s: %s", self.settings.worker_id, request_id, exc)
+            logger.warning("%s: could not release the held KV of %s: %s", self.options.worker_id, request_id, exc)

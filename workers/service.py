@@ -46,8 +46,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,22 +55,20 @@ from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.decode_handoff import DecodeHandoff
 from k2serve.workers.engine import Engine
 from k2serve.workers.engine_loop import EngineLoop
-from k2serve.workers.fault_plan import FaultInjector, FaultPlan
+from k2serve.workers.fault_plan import FaultInjector
 from k2serve.workers.group_rank import GroupRank
 from k2serve.workers.kv_lease import KvLeaseTable
-from k2serve.workers.kv_pair_group import DEFAULT_LANES, MAX_LANES
 from k2serve.workers.kv_transport_p2p import P2pKvClient
 from k2serve.workers.metrics_endpoint import MetricsEndpoint
-from k2serve.workers.prefill_handoff import PrefillHandoff, PrefillSettings, cache_layout
+from k2serve.workers.prefill_handoff import PrefillHandoff, cache_layout
 from k2serve.workers.rpc_status import StatusError, status_codes
 from k2serve.workers.sampling_params import SamplingParams
 from k2serve.workers.wire_format import delta_to_proto, sampling_from_proto
 from k2serve.workers.worker_metrics import WorkerMetrics
+from k2serve.workers.worker_options import Role, WorkerOptions
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["prefill", "decode", "mixed"]
-Transport = Literal["p2p", "grpc"]
 SERVICE_NAME = "k2serve.worker.v1.Worker"
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 2**20),
@@ -80,35 +76,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
 ]
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    worker_id: str
-    role: Role
-    host: str = "127.0.0.1"  # interface for the gRPC server and the KV transfer store
-    port: int = 0  # 0 = any free port
-    transport: Transport = "p2p"
-    lease_ttl_s: float = 30.0
-    transfer_timeout_s: float = 30.0
-    handoff_wait_s: float = 30.0  # longest a Decode waits for free KV blocks (or its deadline, if sooner)
-    checksum: bool = False
-    kv_lanes: int = DEFAULT_LANES  # p2p transfers this rank (decode) runs at once with one prefill rank
-    stop_token_ids: tuple[int, ...] = ()
-    model_name: str = ""  # the model_name label of its metrics
-    metrics_port: int | None = None  # serve /metrics over HTTP on host (0 = any free port); None = no endpoint
-    max_step_failures: int = 3  # failed engine steps in a row after which the engine is dead (NOT_SERVING)
-    faults: FaultPlan = field(default_factory=FaultPlan)  # test-only fault hooks (K2SERVE_FAULTS via the actor)
-
-    def __post_init__(self) -> None:
-        if self.role not in ("prefill", "decode", "mixed"):
-            raise ValueError(f"role: expected prefill, decode or mixed, got {self.role!r}")
-        if self.max_step_failures < 1:
-            raise ValueError(f"max_step_failures: must be >= 1, got {self.max_step_failures}")
-        if not 1 <= self.kv_lanes <= MAX_LANES:
-            raise ValueError(f"kv_lanes: expected 1..{MAX_LANES}, got {self.kv_lanes}")
-        if self.transport not in ("p2p", "grpc"):
-            raise ValueError(f"transport: expected p2p or grpc, got {self.transport!r}")
 
 
 class WorkerServer(worker_pb2_grpc.WorkerServicer):
@@ -130,16 +97,8 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
         self.metrics = WorkerMetrics(options.model_name, rank.engine.config.max_model_len)
         leases = self.leases if options.role != "decode" else None
         self.metrics.attach(rank.engine, leases, rank.dispatcher, rank.balancer)
-        settings = PrefillSettings(
-            options.worker_id,
-            options.host,
-            options.transport,
-            options.transfer_timeout_s,
-            options.checksum,
-            options.stop_token_ids,
-        )
         self.prefill_handoff = PrefillHandoff(
-            settings, rank.engine, self.loop, self.leases, self.metrics.kv, self.faults, _CHANNEL_OPTIONS
+            options, rank.engine, self.loop, self.leases, self.metrics.kv, self.faults, _CHANNEL_OPTIONS
         )
         self.handoff = DecodeHandoff(
             options.worker_id,
