@@ -1,6 +1,7 @@
 """What both sides of a p2p KV transfer share: ``P2pTransfer`` (one transfer on a reused thread, with
-bounded store waits and bounded waits on gloo/NCCL work; ``cancel()`` lets go of the pair group), the
-message tags and header, and the store queue helpers. The protocol is in ``kv_transport_p2p``.
+bounded waits for the answer on the store and on gloo/NCCL work; ``cancel()`` lets go of the pair
+group), the message tags, the header and the JSON forms of a layout and of runs. The protocol is in
+``kv_transport_p2p``.
 
 Lifecycle: ``P2pTransfer`` is one transfer (``KvTransfer``'s lifecycle); the rest are pure helpers.
 """
