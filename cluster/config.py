@@ -314,10 +314,8 @@ def _read_kv_transfer(r: ConfigReader) -> KvTransferSettings:
         r.number("handoff_wait_s", d.handoff_wait_s, positive=True),
         r.flag("checksum", d.checksum),
         r.number("timeout_s", d.timeout_s, positive=True),
-        r.integer("lanes", d.lanes, minimum=1),
+        r.integer("lanes", d.lanes, minimum=1, maximum=MAX_KV_LANES),
     )
-    if out.lanes > MAX_KV_LANES:
-        raise ClusterConfigError(r.where("lanes"), f"must be <= {MAX_KV_LANES}, got {out.lanes}")
     r.finish()
     return out
 

@@ -43,12 +43,16 @@ class ConfigReader:
             return default
         return value
 
-    def integer(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+    def integer(
+        self, key: str, default: Any = _MISSING, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ClusterConfigError(self.where(key), f"expected an integer, got {value!r}")
         if minimum is not None and value < minimum:
             raise ClusterConfigError(self.where(key), f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ClusterConfigError(self.where(key), f"must be <= {maximum}, got {value}")
         return value
 
     def optional_integer(self, key: str, *, minimum: int | None = None) -> int | None:
