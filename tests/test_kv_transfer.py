@@ -21,6 +21,7 @@ from kv_caches import BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, ROW_DIM, paged_cache
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_lease import KvLeaseTable
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY
+from k2serve.workers.kv_p2p_link import JOIN_GONE, join_key
 from k2serve.workers.kv_pair_group import MAX_LANES, PairLanes
 from k2serve.workers.kv_transfer import (
     BufferPool,
@@ -289,6 +290,81 @@ def test_p2p_sender_rejects_an_offer_for_a_lane_out_of_range(server: P2pKvServer
     assert sender.wait(5.0) is TransferState.FAILED
     assert sender.error is not None and "offer.lane: expected an int in [0, 16), got 16" in sender.error
     assert json.loads(server.store.queue_pop("kv/x/bad-lane/answer", block=False))["error"] == sender.error
+
+
+def _offer_by_hand(server: P2pKvServer, transfer_id: str, receiver_id: str, num_tokens: int) -> str:
+    """Play the receiver up to the answer of a new group: push an offer, return the answered prefix."""
+    offer = {"transfer": transfer_id, "receiver": receiver_id, "lane": 0, "cached": ""}
+    offer |= {"layout": [NUM_LAYERS, num_tokens, ROW_DIM, "bfloat16"], "checksum": False, "runs": None}
+    server.store.queue_push(OFFERS_KEY, json.dumps(offer))
+    own = server.connect_store(5.0)  # not the server's handle: the sender answers on that one
+    return str(json.loads(own.queue_pop(f"kv/x/{transfer_id}/answer", block=True))["prefix"])
+
+
+def _lets_go_of_lane_0(server: P2pKvServer, receiver_id: str, limit_s: float) -> bool:
+    lock = server.slot(receiver_id, "gloo", lane=0).lock
+    if not lock.acquire(timeout=limit_s):
+        return False
+    lock.release()
+    return True
+
+
+def test_p2p_sender_whose_receiver_left_after_the_answer_lets_go_of_its_lane_at_once(server: P2pKvServer) -> None:
+    """A receiver cancelled between the answer and joining says "gone"; the sender, which would
+    otherwise wait in the group's rendezvous until its deadline holding the lane, fails at once."""
+    sender = server.start_send("left", "decode-7", _Pair(num_tokens=16).source(), timeout_s=30.0)
+    prefix = _offer_by_hand(server, "left", "decode-7", 16)
+    started = time.monotonic()
+    server.store.set(join_key(prefix), JOIN_GONE)
+    assert sender.wait(5.0) is TransferState.FAILED
+    assert sender.error == f"the receiver left before joining pair group {prefix}"
+    assert _lets_go_of_lane_0(server, "decode-7", 1.0) and time.monotonic() - started < 2.0
+
+
+def test_p2p_sender_cancelled_while_its_receiver_has_not_joined_lets_go_of_its_lane_at_once(
+    server: P2pKvServer,
+) -> None:
+    """The decode rank's ReleaseKv (or an Abort) cancels a sender whose receiver never announced itself:
+    the lane is free at once, and the lane's next transfer (a real receiver) builds a new group on it."""
+    sender = server.start_send("silent", "decode-8", _Pair(num_tokens=16).source(), timeout_s=30.0)
+    _offer_by_hand(server, "silent", "decode-8", 16)
+    time.sleep(0.1)  # the sender is waiting for the announcement
+    assert sender.poll() is TransferState.BOOTSTRAPPING
+    started = time.monotonic()
+    sender.cancel("the receiver released the lease")
+    assert sender.poll() is TransferState.FAILED
+    assert _lets_go_of_lane_0(server, "decode-8", 1.0) and time.monotonic() - started < 1.0
+    client = P2pKvClient("decode-8", timeout_s=5.0)
+    try:
+        pair = _Pair(num_tokens=40, seed=75)
+        receiver = client.start_receive("after-silent", SENDER, server.rendezvous, pair.sink())
+        sent = server.start_send("after-silent", "decode-8", pair.source())
+        assert _wait_all(receiver, sent) == [TransferState.SUCCESS] * 2, (receiver.error, sent.error)
+        pair.assert_moved()
+        assert server.slot("decode-8", "gloo").generation == 2
+    finally:
+        client.close()
+
+
+def test_p2p_receiver_cancelled_while_waiting_for_the_answer_wakes_at_once_and_logs_nothing(
+    server: P2pKvServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """One blocking pop woken by cancel(), not 50 ms slices (c10d logs a warning at each slice that ends)."""
+    client = P2pKvClient("decode-6", timeout_s=30.0, lanes=1)
+    try:
+        receiver = client.start_receive("unanswered", SENDER, server.rendezvous, _Pair(num_tokens=16).sink())
+        lanes = client.lanes(server.rendezvous, SENDER, "gloo")
+        time.sleep(0.4)  # waiting for an answer no sender gives
+        assert receiver.poll() is TransferState.BOOTSTRAPPING
+        started = time.monotonic()
+        receiver.cancel()
+        taken = lanes.acquire(2.0)  # the only lane: free once the thread has let go
+        assert taken is not None and time.monotonic() - started < 1.0
+        lanes.release(taken[1])
+        assert receiver.error == "cancelled"
+    finally:
+        client.close()
+    assert "waitForInput" not in capfd.readouterr().err
 
 
 def test_pair_lanes_hand_out_the_lowest_free_lane_and_wait_boundedly() -> None:

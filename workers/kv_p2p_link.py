@@ -1,6 +1,6 @@
-"""What both sides of a p2p KV transfer share: ``P2pTransfer`` (one transfer on a reused thread, with
-bounded waits for the answer on the store and on gloo/NCCL work; ``cancel()`` lets go of the pair
-group), the message tags, the header and the JSON forms of a layout and of runs. The protocol is in
+"""What both sides of a p2p KV transfer share: ``P2pTransfer`` (one transfer on a reused thread: joining
+a new pair group, bounded waits on gloo/NCCL work; ``cancel()`` lets go of the pair group), the
+message tags, the header and the JSON forms of a layout and of runs. The protocol is in
 ``kv_transport_p2p``.
 
 Lifecycle: ``P2pTransfer`` is one transfer (``KvTransfer``'s lifecycle); the rest are pure helpers.
@@ -24,7 +24,9 @@ from k2serve.workers.kv_transfer import DTYPE_CODES, KvLayout, KvTransfer, Trans
 from k2serve.workers.transfer_threads import TransferThreads
 
 ACK_OK, ACK_CHECKSUM, ACK_FAILED = 0, 1, 2  # the acknowledgement's status
-SLICE_S = 0.05  # blocking waits (the offer, the answer, a source's ready) check cancel() this often
+SLICE_S = 0.05  # blocking waits (the offer, a source's ready) check cancel() this often
+JOIN_OK, JOIN_GONE = "join", "gone"  # the receiver's announcement before it connects a new group
+_JOIN_POLL_FIRST_S, _JOIN_POLL_MAX_S = 0.0002, 0.01
 _NCCL_POLL_S = 0.0001
 # Layers posted ahead of the oldest unfinished one: two while staged (their buffers are reused), every
 # layer while direct (pages need no buffer, and on two cores the fewer Python wake-ups while bytes
@@ -61,6 +63,10 @@ def layout_from_json(value: list[Any]) -> KvLayout:
     return KvLayout(int(value[0]), int(value[1]), int(value[2]), dtype_from_name(str(value[3])))
 
 
+def join_key(prefix: str) -> str:
+    return f"{prefix}/join"
+
+
 def runs_json(runs: kv_segments.Runs | None) -> list[int] | None:
     return list(runs) if runs is not None else None
 
@@ -81,7 +87,7 @@ class Tags:
 
 
 class P2pTransfer(KvTransfer):
-    """What both sides share: bounded store waits, posting and waiting gloo/NCCL work, cancel."""
+    """What both sides share: joining a new group, posting and waiting gloo/NCCL work, cancel."""
 
     _group: PairGroup | None = None
     _threads: TransferThreads  # the server's or client's
@@ -95,28 +101,6 @@ class P2pTransfer(KvTransfer):
             self._started = time.monotonic()
         self._threads.run(self._main)
         return self
-
-    def _await_answer(self, store: dist.Store, key: str, what: str) -> bytes:
-        """Pop queue ``key`` (the receiver's lane connection is its own while it holds the lane) in
-        short slices, so that ``cancel()`` releases the lane at once: a cancelled receiver blocked
-        here for its whole timeout would stall the lane's next transfer that long."""
-        try:
-            while True:
-                left = self._remaining(what)
-                store.set_timeout(datetime.timedelta(seconds=min(SLICE_S, left)))
-                try:
-                    return store.queue_pop(key, block=True)
-                except RuntimeError as exc:
-                    if "timeout" not in str(exc).lower() or time.monotonic() >= self._deadline():
-                        raise
-                if self._cancelled.is_set():
-                    raise TransferError(self.error or "cancelled")
-        except RuntimeError as exc:
-            if self._cancelled.is_set():
-                raise TransferError(self.error or "cancelled") from exc
-            if "timeout" in str(exc).lower() or time.monotonic() >= self._deadline():
-                raise self._timed_out(what) from exc
-            raise TransferError(f"store unreachable while {what}: {first_line(exc)}") from exc
 
     def _post(self, what: str, start: Callable[[PointToPointBackend], dist.Work]) -> dist.Work:
         group = self._group
@@ -152,15 +136,58 @@ class P2pTransfer(KvTransfer):
         self._wait(self._post(what, start), what)
 
     def _join(self, slot: PairSlot, group: PairGroup, rank: int, interface_host: str) -> None:
+        """Connect a new group. gloo's and NCCL's rendezvous cannot be interrupted, and a side that enters
+        it waits there for its peer until its deadline, holding its lane; so the receiver (rank 1)
+        announces on the store that it is about to connect (``join_key``: "join", or "gone" when it was
+        cancelled or ran out of time after the answer), and the sender (rank 0) enters the rendezvous
+        only after that announcement: a sender whose receiver left lets go of its lane at once, on
+        "gone" or on its own ``cancel()``, instead of at its deadline."""
         assert slot.store is not None
-        left = self._remaining(f"connecting pair group {group.prefix}")
+        what = f"connecting pair group {group.prefix}"
         try:
-            group.backend = connect_pair_group(slot.store, group.prefix, rank, group.kind, interface_host, left)
+            if rank == 0:
+                self._await_join(slot.store, group.prefix)
+            else:
+                self._announce_join(slot.store, group.prefix)
+            group.backend = connect_pair_group(
+                slot.store, group.prefix, rank, group.kind, interface_host, self._remaining(what)
+            )
+        except TransferError:
+            slot.drop(group, "connect failed")
+            raise
         except (RuntimeError, TimeoutError) as exc:
             slot.drop(group, "connect failed")
             if time.monotonic() >= self._deadline() or "timeout" in str(exc).lower():
-                raise self._timed_out(f"connecting pair group {group.prefix} (the peer never joined)") from exc
+                raise self._timed_out(f"{what} (the peer never joined)") from exc
             raise TransferError(f"cannot connect pair group {group.prefix}: {first_line(exc)}") from exc
+
+    def _announce_join(self, store: dist.Store, prefix: str) -> None:
+        """Receiver: "join" and go on to connect, or "gone" and raise when this transfer is ending."""
+        try:
+            self._remaining(f"joining pair group {prefix}")
+        except TransferError:
+            try:
+                store.set(join_key(prefix), JOIN_GONE)
+            except RuntimeError:
+                pass  # the store is gone too: the sender fails on its own
+            raise
+        store.set(join_key(prefix), JOIN_OK)
+
+    def _await_join(self, store: dist.Store, prefix: str) -> None:
+        """Sender: wait (``check`` polls, which c10d does not log, backing off to ``_JOIN_POLL_MAX_S``)
+        until the receiver announced; ``cancel()`` and the deadline end the wait at once."""
+        key, pause = join_key(prefix), _JOIN_POLL_FIRST_S
+        what = f"waiting for the receiver to join pair group {prefix}"
+        while not store.check([key]):
+            self._cancelled.wait(min(pause, self._remaining(what)))
+            pause = min(2 * pause, _JOIN_POLL_MAX_S)
+        self._remaining(what)
+        if store.get(key) != JOIN_OK.encode():
+            raise TransferError(f"the receiver left before joining pair group {prefix}")
+        try:
+            store.delete_key(key)
+        except RuntimeError:
+            pass  # a key left behind costs nothing but its bytes
 
     def _on_cancel(self) -> None:
         # only a group this transfer still uses: once it let go of the pair (``_let_go``) the group may

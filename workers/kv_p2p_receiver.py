@@ -9,6 +9,7 @@ Lifecycle: built and started by ``P2pKvClient.start_receive``; one transfer (``K
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import zlib
@@ -26,6 +27,7 @@ from k2serve.workers.kv_p2p_link import (
     P2pTransfer,
     Tags,
     TransferRejected,
+    first_line,
     header_values,
     layout_json,
     recv_from,
@@ -41,6 +43,8 @@ from k2serve.workers.parallel import Rendezvous
 
 if TYPE_CHECKING:
     from k2serve.workers.kv_transport_p2p import P2pKvClient
+
+WAKE = b'{"wake": true}'  # what cancel() pushes onto the answer queue to end the thread's wait
 
 
 class P2pKvReceiver(P2pTransfer, KvReceiver):
@@ -60,6 +64,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         self._sink, self._checksum, self._on_wire = sink, checksum, on_wire
         self._fence = ReceiveFence(backend_kind(sink.device), peer_rank=0)
         self._threads = client.threads
+        self._answer_key: str | None = None  # while the thread waits for the answer (guarded by _lock)
 
     def poll(self) -> TransferState:
         """As ``KvTransfer.poll``; a transfer reported FAILED has no receive left that may write its sink."""
@@ -71,6 +76,39 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
     def _on_cancel(self) -> None:
         self._fence.drain()  # before the group goes: the thread may still finish its receives on it
         super()._on_cancel()
+        with self._lock:
+            key = self._answer_key
+        if key is not None:  # the thread is (or is about to be) blocked on the answer: wake it
+            self._threads.run(lambda: self._client.push(self._rendezvous, key, WAKE))
+
+    def _await_answer(self, store: dist.Store, key: str, what: str) -> bytes:
+        """Pop the answer queue ``key`` (the lane's connection is this transfer's while it holds the
+        lane) in one blocking wait up to the deadline: c10d logs a warning at every pop that times out,
+        so no slices. ``cancel()`` ends the wait at once by pushing ``WAKE`` onto the queue from a
+        connection of its own. (When the answer and the wake-up cross, the wake-up stays in the store:
+        a few bytes under this transfer's own key.)"""
+        left = self._remaining(what)
+        with self._lock:
+            self._answer_key = key
+        try:
+            if self._cancelled.is_set():  # set before the key was: cancel() may not have seen it
+                raise TransferError(self.error or "cancelled")
+            store.set_timeout(datetime.timedelta(seconds=left))
+            text = store.queue_pop(key, block=True)
+        except RuntimeError as exc:
+            if isinstance(exc, TransferError):
+                raise
+            if self._cancelled.is_set():
+                raise TransferError(self.error or "cancelled") from exc
+            if "timeout" in str(exc).lower() or time.monotonic() >= self._deadline():
+                raise self._timed_out(what) from exc
+            raise TransferError(f"store unreachable while {what}: {first_line(exc)}") from exc
+        finally:
+            with self._lock:
+                self._answer_key = None
+        if text == WAKE:
+            raise TransferError(self.error or "cancelled")
+        return text
 
     def _run(self) -> None:
         sid = self._sender_id

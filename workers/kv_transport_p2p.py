@@ -18,7 +18,8 @@ each has ``timeout_s`` to meet the other:
    hands each offer to its sender): the transfer id, its worker id, the lane, the lane's cached group
    prefix (or ""), its layout, checksum setting and runs (``kv_segments``: the token counts of its
    stretches of consecutive blocks, or null when it can only stage). A receiver that gives up
-   withdraws its offer.
+   withdraws its offer. It waits for the answer in one blocking pop; ``cancel()`` wakes it by
+   pushing a wake-up onto the answer queue (``P2pKvClient.push``).
 2. Sender: takes that offer from the inbox and checks it against its own layout. It waits until its
    source knows its blocks (``ready(-1)``), then takes the lane's lock. It reuses its cached group if
    the receiver has the same one, otherwise starts generation g+1. It answers on the queue
@@ -26,7 +27,11 @@ each has ``timeout_s`` to meet the other:
    runs, or an error (a bad offer, a source that failed early), which fails both sides and keeps the
    group. Both sides compute the same plan from the two run lists (``kv_segments.plan``): which side
    moves rows straight from or into its pages, and the segments each layer is cut into.
-3. Both sides join the group if it is new (a blocking connect, bounded by the time left).
+3. Both sides join the group if it is new (a blocking connect, bounded by the time left, which
+   nothing can interrupt). So the receiver first sets ``<prefix>/join`` to "join" (or to "gone" when
+   it was cancelled or ran out of time after the answer), and the sender connects only once it reads
+   "join": until then its wait ends at once on "gone" or on its own ``cancel()`` (the decode rank's
+   ``ReleaseKv``, an ``Abort``), so a sender whose receiver left never holds its lane to the deadline.
 4. Data: sender -> header [6] int64 (num_tokens, num_layers, row_dim, dtype code, seq, segments),
    which the receiver checks; then per layer (after ``ready(i)``) one ``send`` per segment: a view of
    the sender's pages (direct) or a slice of the layer gathered into a pooled buffer (staged, while
@@ -55,7 +60,8 @@ its checksum (in its staged copy: a sender with that fault never sends from its 
 Transfers on one lane run one after the other, in the order the receiver took them; a failure or
 cancel drops its own lane's group only. Store connections are few and long-lived: the server's
 offer reader holds one, the senders answer on the server's own store handle, and each lane holds one
-connection for its group's rendezvous and, on the receiver side, its offers and answers.
+connection for its group's rendezvous and, on the receiver side, its offers and answers (a cancel's
+wake-up uses a short-lived one).
 Transfers run on threads the server and the client keep for the next one (``TransferThreads``).
 
 Here: ``P2pKvServer`` and ``P2pKvClient``; the two sides of a transfer are ``kv_p2p_sender`` and
@@ -65,6 +71,7 @@ Here: ``P2pKvServer`` and ``P2pKvClient``; the two sides of a transfer are ``kv_
 from __future__ import annotations
 
 import datetime
+import logging
 import secrets
 
 import torch.distributed as dist
@@ -97,6 +104,9 @@ from k2serve.workers.kv_transfer import (
 )
 from k2serve.workers.parallel import Rendezvous, host_store
 from k2serve.workers.transfer_threads import TransferThreads
+
+logger = logging.getLogger(__name__)
+PUSH_TIMEOUT_S = 5.0  # P2pKvClient.push: reaching the store for one message
 
 __all__ = [
     "P2pKvClient",
@@ -205,6 +215,14 @@ class P2pKvClient:
             )
         except (RuntimeError, TimeoutError) as exc:
             raise TransferError(f"cannot reach the transfer store at {rendezvous}: {first_line(exc)}") from exc
+
+    def push(self, rendezvous: Rendezvous, key: str, message: bytes) -> None:
+        """Push ``message`` onto the store queue ``key`` over a connection of its own (a lane's connection
+        may be blocked in a pop), best effort: an unreachable store is logged and ignored."""
+        try:
+            self.connect_store(rendezvous, PUSH_TIMEOUT_S).queue_push(key, message)
+        except (RuntimeError, TimeoutError) as exc:
+            logger.warning("%s: could not push to %s on %s: %s", self.worker_id, key, rendezvous, first_line(exc))
 
     def start_receive(
         self,
