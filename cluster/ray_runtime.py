@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from ray._private import ray_constants, services
 
@@ -173,19 +174,49 @@ class RayRuntime:
             self._workdir = None
 
 
+# What ``ray.init`` of a new local instance raises when its processes do not come up in Ray's own bounds
+# on a loaded 2-core machine: the GCS's port file, or the raylet registering with the GCS (30 s).
+_START_TIMEOUTS = ("Timed out waiting for file", "The current node timed out during startup")
+_RAY_PROCESS_NAMES = ("gcs_server", "raylet")
+
+
 def _init_embedded(settings: RaySettings, node_ip: str | None, attempts: int = 2) -> None:
-    """``ray.init`` of a new local instance; a GCS that does not come up in Ray's own bound (seen on a
-    loaded 2-core machine: "Timed out waiting for file .../gcs_server_port_...") gets one more try."""
+    """``ray.init`` of a new local instance; one that does not come up in Ray's own bounds (see
+    ``_START_TIMEOUTS``) gets one more try, after the processes it started are stopped."""
     options: dict[str, Any] = {} if node_ip is None else {"_node_ip_address": node_ip}
     for attempt in range(attempts):
         try:
             ray.init(num_cpus=settings.num_cpus, include_dashboard=False, namespace=settings.namespace, **options)
             return
-        except RuntimeError as exc:
-            if "Timed out waiting for file" not in str(exc) or attempt + 1 == attempts:
+        except Exception as exc:  # Ray raises a bare Exception for the raylet's timeout
+            if not any(marker in str(exc) for marker in _START_TIMEOUTS) or attempt + 1 == attempts:
                 raise
             logger.warning("ray: the local instance did not start (%s); trying again", exc)
             ray.shutdown()
+            _stop_ray_children()
+
+
+def _stop_ray_children(grace_s: float = 5.0) -> None:
+    """Stop what a failed ``ray.init`` left running under this process (its node was never
+    registered, so ``ray.shutdown`` does not know it): the GCS, the raylet and Ray's Python helpers."""
+
+    def started_by_ray(proc: psutil.Process) -> bool:
+        try:
+            name = proc.name()
+            if name in _RAY_PROCESS_NAMES or name.startswith("ray::"):  # ray:: names its agents and workers
+                return True
+            return any("/ray/" in part for part in proc.cmdline()[1:3])  # python -u .../ray/<helper>.py
+        except psutil.Error:
+            return False
+
+    found = [proc for proc in psutil.Process().children(recursive=True) if started_by_ray(proc)]
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(found, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def _is_loopback_cluster(address: str) -> bool:
