@@ -21,7 +21,7 @@ from kv_caches import BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, ROW_DIM, paged_cache
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_lease import KvLeaseTable
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY
-from k2serve.workers.kv_p2p_link import JOIN_GONE, join_key
+from k2serve.workers.kv_p2p_link import JOIN_GONE, JOIN_LEFT, join_key
 from k2serve.workers.kv_pair_group import MAX_LANES, PairLanes
 from k2serve.workers.kv_transfer import (
     BufferPool,
@@ -36,6 +36,7 @@ from k2serve.workers.kv_transfer import (
 )
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
+from k2serve.workers.parallel import host_store
 
 SENDER = "prefill-0"
 
@@ -325,15 +326,17 @@ def test_p2p_sender_cancelled_while_its_receiver_has_not_joined_lets_go_of_its_l
     server: P2pKvServer,
 ) -> None:
     """The decode rank's ReleaseKv (or an Abort) cancels a sender whose receiver never announced itself:
-    the lane is free at once, and the lane's next transfer (a real receiver) builds a new group on it."""
+    the lane is free at once, the sender's "left" keeps a late receiver out of the rendezvous, and the
+    lane's next transfer (a real receiver) builds a new group on it."""
     sender = server.start_send("silent", "decode-8", _Pair(num_tokens=16).source(), timeout_s=30.0)
-    _offer_by_hand(server, "silent", "decode-8", 16)
+    prefix = _offer_by_hand(server, "silent", "decode-8", 16)
     time.sleep(0.1)  # the sender is waiting for the announcement
     assert sender.poll() is TransferState.BOOTSTRAPPING
     started = time.monotonic()
     sender.cancel("the receiver released the lease")
     assert sender.poll() is TransferState.FAILED
     assert _lets_go_of_lane_0(server, "decode-8", 1.0) and time.monotonic() - started < 1.0
+    assert server.store.get(join_key(prefix)) == JOIN_LEFT.encode()
     client = P2pKvClient("decode-8", timeout_s=5.0)
     try:
         pair = _Pair(num_tokens=40, seed=75)
@@ -342,6 +345,25 @@ def test_p2p_sender_cancelled_while_its_receiver_has_not_joined_lets_go_of_its_l
         assert _wait_all(receiver, sent) == [TransferState.SUCCESS] * 2, (receiver.error, sent.error)
         pair.assert_moved()
         assert server.slot("decode-8", "gloo").generation == 2
+    finally:
+        client.close()
+
+
+def test_p2p_receiver_whose_sender_left_after_answering_does_not_enter_the_rendezvous() -> None:
+    """The sender's side played by hand: it answers a new group, then leaves ("left") before the real
+    receiver claims the join key; the receiver fails at once instead of waiting for it until its deadline."""
+    store = host_store("127.0.0.1", timeout_s=5.0)
+    client = P2pKvClient("decode-5", timeout_s=30.0)
+    try:
+        receiver = client.start_receive("abandoned", SENDER, f"127.0.0.1:{store.port}", _Pair(num_tokens=16).sink())
+        offer = json.loads(store.queue_pop(OFFERS_KEY, block=True))
+        prefix = "kvpair/by-hand/l0/g1"
+        store.set(join_key(prefix), JOIN_LEFT)
+        store.queue_push(f"kv/x/{offer['transfer']}/answer", json.dumps({"prefix": prefix, "seq": 0, "runs": None}))
+        started = time.monotonic()
+        assert receiver.wait(5.0) is TransferState.FAILED
+        assert time.monotonic() - started < 2.0
+        assert receiver.error == f"the sender left before the receiver joined pair group {prefix}"
     finally:
         client.close()
 

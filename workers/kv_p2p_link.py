@@ -25,7 +25,8 @@ from k2serve.workers.transfer_threads import TransferThreads
 
 ACK_OK, ACK_CHECKSUM, ACK_FAILED = 0, 1, 2  # the acknowledgement's status
 SLICE_S = 0.05  # blocking waits (the offer, a source's ready) check cancel() this often
-JOIN_OK, JOIN_GONE = "join", "gone"  # the receiver's announcement before it connects a new group
+JOIN_OK, JOIN_GONE, JOIN_LEFT = "join", "gone", "left"  # who claimed a new group's join key (see _join)
+JOIN_GRACE_S = 5.0  # a sender that is leaving still meets a receiver already in the rendezvous this long
 _JOIN_POLL_FIRST_S, _JOIN_POLL_MAX_S = 0.0002, 0.01
 _NCCL_POLL_S = 0.0001
 # Layers posted ahead of the oldest unfinished one: two while staged (their buffers are reused), every
@@ -136,22 +137,28 @@ class P2pTransfer(KvTransfer):
         self._wait(self._post(what, start), what)
 
     def _join(self, slot: PairSlot, group: PairGroup, rank: int, interface_host: str) -> None:
-        """Connect a new group. gloo's and NCCL's rendezvous cannot be interrupted, and a side that enters
-        it waits there for its peer until its deadline, holding its lane; so the receiver (rank 1)
-        announces on the store that it is about to connect (``join_key``: "join", or "gone" when it was
-        cancelled or ran out of time after the answer), and the sender (rank 0) enters the rendezvous
-        only after that announcement: a sender whose receiver left lets go of its lane at once, on
-        "gone" or on its own ``cancel()``, instead of at its deadline."""
+        """Connect a new group. gloo's and NCCL's rendezvous cannot be interrupted: a side in it waits for
+        its peer until its deadline, holding its lane. So each side enters it only once the other is
+        sure to: the receiver (rank 1) claims the group's ``join_key`` on the store with "join" just
+        before it connects, the sender (rank 0) connects only after it read "join". A side that ends
+        first (``cancel()``, the deadline) claims the key instead ("gone" from the receiver, "left" from
+        the sender), so the other never enters; if the receiver's "join" won that race, the leaving
+        sender still meets it in the rendezvous and then drops the group, so it fails at once."""
         assert slot.store is not None
         what = f"connecting pair group {group.prefix}"
         try:
             if rank == 0:
-                self._await_join(slot.store, group.prefix)
+                leaving = self._await_join(slot.store, group.prefix)
+                timeout = max(self._deadline() - time.monotonic(), JOIN_GRACE_S)  # the receiver is in there
             else:
+                leaving = None
                 self._announce_join(slot.store, group.prefix)
-            group.backend = connect_pair_group(
-                slot.store, group.prefix, rank, group.kind, interface_host, self._remaining(what)
-            )
+                timeout = self._remaining(what)
+            group.backend = connect_pair_group(slot.store, group.prefix, rank, group.kind, interface_host, timeout)
+            if leaving is None and self._cancelled.is_set():
+                leaving = TransferError(self.error or "cancelled")
+            if leaving is not None:
+                raise leaving
         except TransferError:
             slot.drop(group, "connect failed")
             raise
@@ -162,32 +169,42 @@ class P2pTransfer(KvTransfer):
             raise TransferError(f"cannot connect pair group {group.prefix}: {first_line(exc)}") from exc
 
     def _announce_join(self, store: dist.Store, prefix: str) -> None:
-        """Receiver: "join" and go on to connect, or "gone" and raise when this transfer is ending."""
+        """Receiver: claim "join" and go on to connect; raise if the sender left first, or claim "gone"
+        and raise when this transfer is ending."""
+        key = join_key(prefix)
         try:
             self._remaining(f"joining pair group {prefix}")
         except TransferError:
             try:
-                store.set(join_key(prefix), JOIN_GONE)
+                store.compare_set(key, "", JOIN_GONE)
             except RuntimeError:
                 pass  # the store is gone too: the sender fails on its own
             raise
-        store.set(join_key(prefix), JOIN_OK)
+        if store.compare_set(key, "", JOIN_OK) != JOIN_OK.encode():
+            raise TransferError(f"the sender left before the receiver joined pair group {prefix}")
 
-    def _await_join(self, store: dist.Store, prefix: str) -> None:
+    def _await_join(self, store: dist.Store, prefix: str) -> TransferError | None:
         """Sender: wait (``check`` polls, which c10d does not log, backing off to ``_JOIN_POLL_MAX_S``)
-        until the receiver announced; ``cancel()`` and the deadline end the wait at once."""
+        until the receiver claims the key. None: it said "join". Raises when it said "gone", or when
+        ``cancel()`` or the deadline came first and the sender's "left" claimed the key; returns that
+        error instead when the receiver's "join" won the race (see ``_join``)."""
         key, pause = join_key(prefix), _JOIN_POLL_FIRST_S
         what = f"waiting for the receiver to join pair group {prefix}"
-        while not store.check([key]):
-            self._cancelled.wait(min(pause, self._remaining(what)))
-            pause = min(2 * pause, _JOIN_POLL_MAX_S)
-        self._remaining(what)
+        try:
+            while not store.check([key]):
+                self._cancelled.wait(min(pause, self._remaining(what)))
+                pause = min(2 * pause, _JOIN_POLL_MAX_S)
+        except TransferError as exc:
+            if store.compare_set(key, "", JOIN_LEFT) != JOIN_OK.encode():
+                raise
+            return exc
         if store.get(key) != JOIN_OK.encode():
             raise TransferError(f"the receiver left before joining pair group {prefix}")
         try:
             store.delete_key(key)
         except RuntimeError:
             pass  # a key left behind costs nothing but its bytes
+        return None
 
     def _on_cancel(self) -> None:
         # only a group this transfer still uses: once it let go of the pair (``_let_go``) the group may

@@ -28,10 +28,11 @@ each has ``timeout_s`` to meet the other:
    group. Both sides compute the same plan from the two run lists (``kv_segments.plan``): which side
    moves rows straight from or into its pages, and the segments each layer is cut into.
 3. Both sides join the group if it is new (a blocking connect, bounded by the time left, which
-   nothing can interrupt). So the receiver first sets ``<prefix>/join`` to "join" (or to "gone" when
-   it was cancelled or ran out of time after the answer), and the sender connects only once it reads
-   "join": until then its wait ends at once on "gone" or on its own ``cancel()`` (the decode rank's
-   ``ReleaseKv``, an ``Abort``), so a sender whose receiver left never holds its lane to the deadline.
+   nothing can interrupt). So neither enters it unless the other surely will: the receiver claims
+   the store key ``<prefix>/join`` with "join" just before it connects, and the sender connects only
+   once it reads "join". A side that ends first (``cancel()``: for the sender the decode rank's
+   ``ReleaseKv`` or an ``Abort``; the deadline) claims the key instead ("gone", "left"), so the other
+   side fails at once instead of at its deadline (``P2pTransfer._join``).
 4. Data: sender -> header [6] int64 (num_tokens, num_layers, row_dim, dtype code, seq, segments),
    which the receiver checks; then per layer (after ``ready(i)``) one ``send`` per segment: a view of
    the sender's pages (direct) or a slice of the layer gathered into a pooled buffer (staged, while
