@@ -2,7 +2,7 @@
 
 Lifecycle: this process plays the prefill rank. It hosts a ``P2pKvServer``, a gRPC server that
 answers ``PullKv`` and one fresh 2-rank gloo group for the raw baseline. It spawns the decode rank
-(``python -m k2serve.bench_kv_transfer --peer ...``) and drives it with one JSON line per command
+(``python -m k2serve.bench_kv_peer``) and drives it with one JSON line per command
 on its stdin; the peer answers one JSON line on its stdout. For every model, prompt length and page
 layout both sides allocate a random paged cache and the requests' block ids; each method runs once to
 warm up (p2p and gRPC: then the peer's CRC32 of every request's received rows is checked against the
@@ -48,175 +48,23 @@ import statistics
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
 
+from k2serve.bench_kv_case import HOST, PAGES, RECEIVER, SENDER, Case, ReadyRows, Result, paged_cache, rows_crc
 from k2serve.kernels.bench_report import write_section
 from k2serve.proto import worker_pb2, worker_pb2_grpc
-from k2serve.workers.block_pool import BlockPool
 from k2serve.workers.config import ModelConfig
-from k2serve.workers.kv_transfer import (
-    CacheKvSink,
-    CacheKvSource,
-    KvLayout,
-    KvSink,
-    KvSource,
-    TransferState,
-    dtype_from_name,
-    raw_bytes,
-)
-from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
-from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer, PointToPointBackend, connect_pair_group
-from k2serve.workers.parallel import Rendezvous
+from k2serve.workers.kv_transfer import CacheKvSource, KvSource, TransferState
+from k2serve.workers.kv_transport_grpc import kv_chunks
+from k2serve.workers.kv_transport_p2p import P2pKvServer, PointToPointBackend, connect_pair_group
 
-HOST = "127.0.0.1"
-SENDER, RECEIVER = "bench-prefill", "bench-decode"
 METHODS = ("p2p", "p2p-nocopy", "grpc", "raw")
-PAGES = ("contiguous", "shuffled")
-
-
-@dataclass(frozen=True)
-class Case:
-    model: str
-    num_layers: int
-    row_dim: int
-    num_tokens: int
-    dtype: str
-    block_size: int
-    pages: str = "shuffled"  # one of PAGES
-    in_flight: int = 1  # requests handed over at once
-
-    @property
-    def layout(self) -> KvLayout:
-        """One request's rows."""
-        return KvLayout(self.num_layers, self.num_tokens, self.row_dim, dtype_from_name(self.dtype))
-
-    @property
-    def nbytes(self) -> int:
-        """What one repetition moves: every request in flight."""
-        return self.layout.nbytes * self.in_flight
-
-    @property
-    def blocks_per_request(self) -> int:
-        return -(-self.num_tokens // self.block_size)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.blocks_per_request * self.in_flight + 16  # spare blocks, so ids are not simply 0..n
-
-
-@dataclass(frozen=True)
-class Result:
-    case: Case
-    seconds: dict[str, list[float]]  # method -> timed repetitions
-
-    def gbs(self, method: str) -> float:
-        return self.case.nbytes / statistics.median(self.seconds[method]) / 1e9
-
-
-def paged_cache(case: Case, seed: int) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """A random cache [L] × [num_blocks, block_size, row_dim] and each in-flight request's block ids: those a
-    fresh ``BlockPool`` allocates (contiguous) or a random permutation of the blocks (shuffled)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (case.num_blocks, case.block_size, case.row_dim)
-    cache = [torch.randn(shape, generator=gen).to(case.layout.dtype) for _ in range(case.num_layers)]
-    needed = case.blocks_per_request
-    if case.pages == "contiguous":
-        pool = BlockPool(case.num_blocks, case.block_size)
-        return cache, [pool.allocate(needed) for _ in range(case.in_flight)]
-    ids = torch.randperm(case.num_blocks, generator=gen)[: needed * case.in_flight].tolist()
-    return cache, [ids[k * needed : (k + 1) * needed] for k in range(case.in_flight)]
-
-
-def rows_crc(cache: list[torch.Tensor], blocks: list[int], num_tokens: int) -> int:
-    source = CacheKvSource(cache, blocks, num_tokens)
-    crc = 0
-    for layer in range(source.layout.num_layers):
-        crc = zlib.crc32(raw_bytes(source.layer(layer)), crc)
-    return crc
-
-
-class _ReadyRows:
-    """A ``KvSource`` / ``KvSink`` without paging: layers are handed out as they are, writes dropped."""
-
-    def __init__(self, layout: KvLayout) -> None:
-        self.layout = layout
-        self.device = torch.device("cpu")
-        self._rows = torch.zeros(layout.num_tokens, layout.row_dim, dtype=layout.dtype)  # [N, D]
-
-    def ready(self, layer: int, timeout_s: float) -> bool:
-        return True
-
-    def layer(self, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._rows
-
-    def write(self, layer: int, first_token: int, rows: torch.Tensor) -> None:
-        pass
-
-
-# ---- the decode side (peer process) -----------------------------------------------------------------
-
-
-def _peer(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    client = P2pKvClient(RECEIVER, args.timeout)
-    raw: PointToPointBackend | None = None
-    cache: list[torch.Tensor] = []
-    blocks: list[list[int]] = []  # per request in flight
-    case: Case | None = None
-    raw_buffer = torch.empty(0, dtype=torch.uint8)
-    store: Any = None  # keeps the baseline group's store connection open
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = cmd["op"]
-        reply: dict[str, Any] = {"ok": True}
-        if op == "quit":
-            break
-        if op == "raw_join":
-            store = client.connect_store(Rendezvous.parse(args.rendezvous), args.timeout)
-            raw = connect_pair_group(store, cmd["prefix"], 1, "gloo", HOST, args.timeout)
-        elif op == "case":
-            case = Case(**cmd["case"])
-            cache, blocks = paged_cache(case, seed=1)
-            for layer in cache:
-                layer.zero_()
-            raw_buffer = torch.empty(case.nbytes, dtype=torch.uint8)
-        elif op in ("p2p", "p2p-nocopy", "grpc"):
-            assert case is not None
-            receivers = []
-            for tid, ids in zip(cmd["ids"], blocks, strict=True):
-                sink: KvSink = (
-                    _ReadyRows(case.layout) if op == "p2p-nocopy" else CacheKvSink(cache, ids, case.num_tokens)
-                )
-                if op != "grpc":
-                    receivers.append(client.start_receive(tid, SENDER, args.rendezvous, sink))
-                else:
-                    receivers.append(GrpcKvReceiver(args.grpc, tid, sink, args.timeout))
-            failed = [r.error for r in receivers if r.wait() is not TransferState.SUCCESS]
-            reply = {"ok": not failed, "error": failed[0] if failed else None}
-        elif op == "raw":
-            assert raw is not None and case is not None
-            ack = torch.ones(1, dtype=torch.int64)
-            raw.recv([raw_buffer], 0, cmd["tag"]).wait()
-            raw.send([ack], 0, cmd["tag"] + 1).wait()
-        elif op == "crc":
-            assert case is not None
-            reply = {"ok": True, "crc": [rows_crc(cache, ids, case.num_tokens) for ids in blocks]}
-            for layer in cache:
-                layer.zero_()
-        print(json.dumps(reply), flush=True)
-    client.close()
-    return 0
-
-
-# ---- the prefill side (this process) ----------------------------------------------------------------
 
 
 class _PullKv(worker_pb2_grpc.WorkerServicer):
@@ -233,7 +81,7 @@ class _Peer:
     def __init__(self, args: list[str], timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "k2serve.bench_kv_transfer", "--peer", *args],
+            [sys.executable, "-m", "k2serve.bench_kv_peer", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -291,7 +139,7 @@ def measure(
             raise RuntimeError(f"{op} sender failed: {failed[0]}")
         return elapsed
 
-    ready: list[KvSource] = [_ReadyRows(case.layout)] * case.in_flight
+    ready: list[KvSource] = [ReadyRows(case.layout)] * case.in_flight
 
     def p2p_nocopy(rep: int) -> float:
         return p2p(rep, "p2p-nocopy", ready)
@@ -509,17 +357,3 @@ def run_bench_kv_transfer(args: argparse.Namespace) -> int:
     if args.write:
         write_section(Path(args.write), body, name="kv_transfer", heading="KV transfer (CPU, loopback)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="internal: the decode-side process of bench kv-transfer")
-    parser.add_argument("--peer", action="store_true", required=True)
-    parser.add_argument("--rendezvous", required=True)
-    parser.add_argument("--grpc", required=True)
-    parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--threads", type=int, default=1)
-    return _peer(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
