@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from k2serve.workers.kv_p2p_link import first_line
+
 OFFERS_KEY = "kv/offers"
 # The reader's blocking pop: close() wakes it with a message, and pruning happens as offers arrive, so it
 # need not return on its own (c10d logs a warning at every pop that times out).
@@ -120,7 +122,7 @@ class OfferInbox:
                 if "timeout" in str(exc).lower():
                     self._prune(time.monotonic())
                     continue
-                self._stop(f"the offer queue failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+                self._stop(f"the offer queue failed: {first_line(exc)}")
                 return
             self._file(text)
 

@@ -87,17 +87,15 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         so no slices. ``cancel()`` ends the wait at once by pushing ``WAKE`` onto the queue from a
         connection of its own. (When the answer and the wake-up cross, the wake-up stays in the store:
         a few bytes under this transfer's own key.)"""
-        left = self._remaining(what)
         with self._lock:
             self._answer_key = key
         try:
-            if self._cancelled.is_set():  # set before the key was: cancel() may not have seen it
-                raise TransferError(self.error or "cancelled")
+            left = self._remaining(what)  # after the key is set: a cancel() from here on wakes the pop
             store.set_timeout(datetime.timedelta(seconds=left))
             text = store.queue_pop(key, block=True)
+        except TransferError:
+            raise
         except RuntimeError as exc:
-            if isinstance(exc, TransferError):
-                raise
             if self._cancelled.is_set():
                 raise TransferError(self.error or "cancelled") from exc
             if "timeout" in str(exc).lower() or time.monotonic() >= self._deadline():
