@@ -4,7 +4,8 @@ names.
 
 Lifecycle: started by the driver with the rendezvous of its ``P2pKvServer``, the address of its
 ``PullKv`` server and the raw baseline's store; reads one JSON command per line on stdin (``raw_join``,
-``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``raw`` with a tag, ``crc``,
+``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``floor`` with each request's first
+tag, ``raw`` with a tag, ``crc``,
 ``quit``) and answers each with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
 """
 
@@ -32,6 +33,7 @@ def run_peer(args: argparse.Namespace) -> int:
     blocks: list[list[int]] = []  # per request in flight
     case: Case | None = None
     raw_buffer = torch.empty(0, dtype=torch.uint8)
+    scratch = torch.empty(0)
     store: Any = None  # keeps the baseline group's store connection open
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -48,6 +50,7 @@ def run_peer(args: argparse.Namespace) -> int:
             for layer in cache:
                 layer.zero_()
             raw_buffer = torch.empty(case.nbytes, dtype=torch.uint8)
+            scratch = torch.empty(case.num_tokens, case.row_dim, dtype=case.layout.dtype)  # [N, D]
         elif op in ("p2p", "p2p-nocopy", "grpc"):
             assert case is not None
             receivers = []
@@ -61,6 +64,17 @@ def run_peer(args: argparse.Namespace) -> int:
                     receivers.append(GrpcKvReceiver(args.grpc, tid, sink, args.timeout))
             failed = [r.error for r in receivers if r.wait() is not TransferState.SUCCESS]
             reply = {"ok": not failed, "error": failed[0] if failed else None}
+        elif op == "floor":  # see the driver's ``floor``: every layer lands in one scratch tensor, unchecked
+            assert raw is not None and case is not None
+            ack = torch.ones(1, dtype=torch.int64)
+            layers = []
+            for base in cmd["tags"]:
+                layers += [raw.recv([scratch], 0, base + 1 + i) for i in range(case.num_layers)]
+                raw.send([ack], 0, base).wait()  # the offer
+            for work in layers:
+                work.wait()
+            for base in cmd["tags"]:
+                raw.send([ack], 0, base + case.num_layers + 1).wait()
         elif op == "raw":
             assert raw is not None and case is not None
             ack = torch.ones(1, dtype=torch.int64)

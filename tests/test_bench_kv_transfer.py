@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from k2serve.bench_kv_case import Case
+from k2serve.bench_kv_transfer import FLOOR_TAG_BASE, floor_tags
 from k2serve.cli import main
 
 
@@ -26,3 +28,16 @@ def test_the_kv_transfer_bench_moves_every_case_and_writes_its_table(
         ["shuffled", "3"],
     ]
     assert "--in-flight 1 3" in out.read_text()
+    header = next(line for line in out.read_text().splitlines() if line.startswith("| model |"))
+    floor_column = header.split(" | ").index("floor / raw")
+    assert all(float(row.split(" | ")[floor_column]) > 0 for row in rows)
+
+
+def test_the_floor_methods_messages_never_share_a_tag() -> None:
+    """Every message of the floor method (per request: the offer, one per layer, the acknowledgement) has a
+    tag of its own across the warm-up and the repetitions, above the raw method's (2 * (rep + 2), + 1)."""
+    case = Case("m", num_layers=3, row_dim=8, num_tokens=16, dtype="bfloat16", block_size=4, in_flight=3)
+    tags = [base + j for rep in range(-1, 20) for base in floor_tags(case, rep) for j in range(case.num_layers + 2)]
+    assert len(set(tags)) == len(tags)
+    assert min(tags) >= FLOOR_TAG_BASE > 2 * (20 + 2) + 1
+    assert max(tags) < 2**31 - 1
