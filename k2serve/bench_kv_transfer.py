@@ -310,8 +310,8 @@ def _floor_text(missed: list[Result]) -> str:
         cases = ", ".join(f"{_label(r.case)} ({_ratio(r, 'floor'):.2f})" for r in below)
         text.append(
             f"The floor (a one-message offer, then the layers from ready rows, on the formed group, on one thread) "
-            f"is itself below 0.8 for {cases}: there a pull transport that sends one message per layer cannot "
-            "meet the goal on this machine."
+            f"is itself below 0.8 for {cases}: where that holds across runs, a pull transport that sends one "
+            "message per layer cannot meet the goal on this machine."
         )
     if above:
         cases = ", ".join(f"{_label(r.case)} ({_ratio(r, 'floor'):.2f})" for r in above)
