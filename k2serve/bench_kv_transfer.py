@@ -27,7 +27,7 @@ Methods:
 - ``p2p-nocopy``: the same transport between a source that hands out ready rows and a sink that
   drops them. That is the protocol's own cost, without the gather from and scatter into the pages;
 - ``grpc``: the ``PullKv`` stream (``kv_chunks`` / ``GrpcKvReceiver``);
-- ``floor``: the least any pull transport that sends layer by layer pays on this machine, on the
+- ``floor``: about the least a pull transport that sends one message per layer pays here, on the
   baseline group: per request the peer posts one receive per layer, then sends a 1-value offer; this
   side waits for it and sends the layers (ready rows, no gather, no scatter: the peer receives them
   into one scratch tensor), then gets a 1-value acknowledgement. No threads, no store, no checks: it
@@ -354,7 +354,7 @@ def render(args: argparse.Namespace, results: list[Result], load: tuple[float, f
             "Raw = one gloo `send` of the same bytes (all requests in flight) as a single tensor on a 2-rank "
             "group formed beforehand, plus a 1-value acknowledgement. Floor = on that group, per request a 1-value "
             "offer from the peer, then one `send` per layer of ready rows and a 1-value acknowledgement, on one "
-            "thread a side (the least a pull transport that sends layer by layer pays). The rows received in the "
+            "thread a side (about the least a pull transport that sends one message per layer pays). The rows received in the "
             "warm-up are checked (CRC32) against the source.",
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
             f"thread(s) per process, Python "
