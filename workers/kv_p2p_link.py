@@ -127,11 +127,17 @@ class P2pTransfer(KvTransfer):
             else:
                 work.wait(datetime.timedelta(seconds=left))
         except RuntimeError as exc:
-            if self._cancelled.is_set():
-                raise TransferError(self.error or "cancelled") from exc
-            if "timed out" in str(exc).lower() or time.monotonic() >= self._deadline():
-                raise self._timed_out(what) from exc
-            raise TransferError(f"{what} failed, the peer is gone: {first_line(exc)}") from exc
+            says_timeout = "timed out" in str(exc).lower()
+            raise self._failed_wait(what, says_timeout, f"{what} failed, the peer is gone: {first_line(exc)}") from exc
+
+    def _failed_wait(self, what: str, says_timeout: bool, otherwise: str) -> TransferError:
+        """What a wait that raised means: cancelled, out of time (the library said so, or the deadline
+        passed), or ``otherwise``."""
+        if self._cancelled.is_set():
+            return TransferError(self.error or "cancelled")
+        if says_timeout or time.monotonic() >= self._deadline():
+            return self._timed_out(what)
+        return TransferError(otherwise)
 
     def _exchange(self, what: str, start: Callable[[PointToPointBackend], dist.Work]) -> None:
         self._wait(self._post(what, start), what)

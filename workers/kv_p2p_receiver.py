@@ -96,11 +96,8 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         except TransferError:
             raise
         except RuntimeError as exc:
-            if self._cancelled.is_set():
-                raise TransferError(self.error or "cancelled") from exc
-            if "timeout" in str(exc).lower() or time.monotonic() >= self._deadline():
-                raise self._timed_out(what) from exc
-            raise TransferError(f"store unreachable while {what}: {first_line(exc)}") from exc
+            says_timeout = "timeout" in str(exc).lower()
+            raise self._failed_wait(what, says_timeout, f"store unreachable while {what}: {first_line(exc)}") from exc
         finally:
             with self._lock:
                 self._answer_key = None
