@@ -32,6 +32,7 @@ The controller runs in one asyncio event loop (a Ray async actor), so its state 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -261,10 +262,9 @@ class Controller:
                 await self._reconcile()
             except Exception:  # one bad round must not end supervision
                 logger.exception("controller: reconcile round failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.health.interval_s)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.health.interval_s):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _reconcile(self) -> None:

@@ -50,7 +50,8 @@ async def reserve(name: str, rank_resources: Mapping[str, float], ep_size: int, 
     bundles: list[dict[str, float]] = [dict(rank_resources) for _ in range(ep_size)]
     group = placement_group(bundles, strategy=strategy, name=name)
     try:
-        await asyncio.wait_for(_ready(group), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await _ready(group)
     except BaseException:
         remove_placement_group(group)
         raise

@@ -12,6 +12,7 @@ one. Protobuf stops here: the board holds ``WorkerRecord`` values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 
@@ -53,10 +54,9 @@ class WorkerBoard:
     async def wait_newer(self, version: int, timeout_s: float) -> WorkerSnapshot:
         """The first snapshot with a version above ``version``, or the current one after ``timeout_s``."""
         async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self._snapshot.version > version), timeout_s)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait_for(lambda: self._snapshot.version > version)
         return self._snapshot
 
 

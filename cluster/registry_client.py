@@ -101,12 +101,14 @@ class RegistryClient:
     async def _stream(self) -> AsyncIterator[WorkerSnapshot]:
         """One connection: every new version (the first one whatever it is); heartbeats are dropped."""
         async with grpc.aio.insecure_channel(self.address) as channel:
-            await asyncio.wait_for(channel.channel_ready(), self._connect_timeout_s)
+            async with asyncio.timeout(self._connect_timeout_s):
+                await channel.channel_ready()
             call = cluster_pb2_grpc.RegistryStub(channel).Watch(cluster_pb2.WatchRequest())
             try:
                 last: int | None = None
                 while True:
-                    message = await asyncio.wait_for(call.read(), self._silence_s)
+                    async with asyncio.timeout(self._silence_s):
+                        message = await call.read()
                     if message is grpc.aio.EOF:
                         return
                     assert isinstance(message, cluster_pb2.WorkerSet)

@@ -200,7 +200,8 @@ class WorkerGroup:
 
     async def _actor_alive(self, slot: RankSlot, timeout_s: float) -> str | None:
         try:
-            serving = await asyncio.wait_for(_await(slot.actor.health.remote()), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                serving = await _await(slot.actor.health.remote())
         except RayActorError as exc:
             return f"dead: rank {slot.rank} ({slot.worker_id}) actor died: {_first_line(exc)}"
         except (TimeoutError, GetTimeoutError):
@@ -269,7 +270,8 @@ async def _gather(refs: Iterable[Any]) -> list[Any]:
 
 async def _bounded(work: Awaitable[T] | Any, deadline: float, what: str = "call") -> T:
     try:
-        return await asyncio.wait_for(_await(work), _left(deadline))
+        async with asyncio.timeout(_left(deadline)):
+            return await _await(work)
     except TimeoutError as exc:
         raise GroupStartError(f"{what}: timed out") from exc
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -48,6 +49,10 @@ from k2serve.router.tokenizer import KimiTokenizer
 from k2serve.router.worker_client import NoWorkerError, TokenEvent
 
 CONTEXT_PHRASE = "This model's maximum context length is"
+RECANCEL_S = 0.1  # closing a request cancels its choice tasks again after this, until they end
+CLOSE_LIMIT_S = 10.0  # ... for this long at most; then its slot is given back anyway (and it is logged)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,7 @@ class GenerationStream:
         self._finished: dict[int, ChoiceFinished] = {}  # handed out
         self._ended: set[int] = set()  # queued a ChoiceFinished or a _Failed
         self._cached_tokens = 0
-        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self._arrival = time.monotonic()
         self._last_step: dict[int, float] = {}  # choice -> when its last tokens were yielded
 
@@ -269,13 +274,30 @@ class GenerationStream:
             self._last_step[event.index] = now
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """End the request: its choice tasks are cancelled (closing their worker calls aborts it on
+        every rank), then its admission slot is given back. Idempotent and safe to cancel: the closing
+        is one task that every call awaits shielded, so a caller cancelled on the way (a client gone
+        inside a cancelled scope) neither skips the slot's release nor lets a second call return early."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._frontend._forget(self.request_id)
+        pending = {task for task in self._tasks if not task.done()}
+        deadline = time.monotonic() + CLOSE_LIMIT_S
+        while pending:  # cancelled again each round: a cancel dropped on the way is not the end of it
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+            if pending and time.monotonic() > deadline:
+                logger.error(
+                    "%s: %d choice task(s) ignored cancels for %gs", self.request_id, len(pending), CLOSE_LIMIT_S
+                )
+                break
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # each closes its worker calls
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                logger.error("%s: a choice task failed", self.request_id, exc_info=task.exception())
         for index in range(self.request.n):  # a consumer still iterating (an Abort by id) ends, too
             if index not in self._ended:
                 self._put(ChoiceFinished(index, "abort"))

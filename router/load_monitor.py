@@ -115,7 +115,8 @@ class LoadMonitor:
         worker_id = target.worker_id
         asked_with = target.in_flight
         try:
-            load = await asyncio.wait_for(target.get_load(self.timeout_s), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                load = await target.get_load(self.timeout_s)
         except Exception as exc:  # timeout, dead worker, closed channel: the report is stale
             if self._reports.pop(worker_id, None) is not None:
                 log.debug("GetLoad of %s failed (%s); its load report is stale", worker_id, exc)

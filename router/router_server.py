@@ -337,13 +337,15 @@ class RouterServer:
         deadline = self._drain_started + max(0.0, grace_s)
         while self.frontend.admission.running and not self._hurry.is_set() and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hurry.wait(), timeout=0.05)
+                async with asyncio.timeout(0.05):
+                    await self._hurry.wait()
         aborted = await self._abort_running()
         if self._http is not None:
             self._http.should_exit = True
         if self._http_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._http_task), timeout=CLOSE_GRACE_S + 1.0)
+                async with asyncio.timeout(CLOSE_GRACE_S + 1.0):
+                    await asyncio.shield(self._http_task)
             if not self._http_task.done():  # uvicorn's own bound did not hold: stop waiting for it
                 self._http.force_exit = True  # type: ignore[union-attr]
                 self._http_task.cancel()

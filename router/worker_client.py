@@ -100,7 +100,8 @@ class WorkerClient:
             while True:
                 if started and stall_timeout_s > 0:
                     try:  # a cancelled read cancels the call (grpc.aio), so the rank aborts the request
-                        delta = await asyncio.wait_for(call.read(), stall_timeout_s)
+                        async with asyncio.timeout(stall_timeout_s):
+                            delta = await call.read()
                     except TimeoutError:
                         raise StalledError(stall_timeout_s) from None
                 else:

@@ -234,6 +234,40 @@ def test_a_client_leaving_at_any_point_aborts_the_request_on_both_ranks(
     fresh_request_is_served(live, oracle, lifecycle.ledger, f"{point}-then-fresh")
 
 
+def _long_stream(surface: str, model: str) -> tuple[str, dict[str, Any]]:
+    """A greedy stream of LIFECYCLE_TOKENS on the chat or the Anthropic messages surface."""
+    messages = [{"role": "user", "content": "tell me a long story"}]
+    if surface == "chat":
+        body = {"messages": messages, "max_tokens": LIFECYCLE_TOKENS, "temperature": 0, "ignore_eos": True}
+        return "/v1/chat/completions", {**body, "stream": True}
+    body = {"model": model, "messages": messages, "max_tokens": LIFECYCLE_TOKENS, "temperature": 0}
+    return "/v1/messages", {**body, "stream": True}
+
+
+@pytest.mark.parametrize("surface", ["chat", "messages"])
+def test_a_client_leaving_mid_stream_aborts_the_request_on_every_streaming_surface(
+    lifecycle: Lifecycle, oracle: Oracle, surface: str
+) -> None:
+    """The mid-stream case above on the chat and Anthropic streams, whose responses close the
+    request their own way (the Anthropic one from inside the cancelled response)."""
+    live = lifecycle.live
+    live.wait_quiet(QUIET_S)
+    aborted_before = worker_finished(live, 1, "abort")
+    path, body = _long_stream(surface, live.model_name)
+    with HangUp(live.http_url, post_bytes(live.http_url, path, body)) as victim:
+        assert victim.read_events(FIRST_TOKEN + 20) >= FIRST_TOKEN + 20, victim.received[-300:]
+        assert victim.status == 200
+        victim.hang_up(abrupt=True)
+        t0 = time.monotonic()
+    lifecycle.ledger.record(Result(f"{surface}-mid_stream", "cancelled: the client left"))
+    quiet_s = live.wait_quiet(QUIET_S)
+    assert time.monotonic() - t0 < QUIET_S + 2.0
+    finished = {reason: worker_finished(live, 1, reason) for reason in ("abort", "length", "stop", "error")}
+    assert finished["abort"] == aborted_before + 1, finished
+    assert quiet_s < QUIET_S and http_5xx(live) == 0
+    fresh_request_is_served(live, oracle, lifecycle.ledger, f"{surface}-mid_stream-then-fresh")
+
+
 def test_a_client_leaving_during_the_kv_transfer_frees_both_ranks(model_dir: Path, oracle: Oracle) -> None:
     """The prefill rank holds each KV send 1 s (fault plan); the client leaves after the first token,
     while the decode rank waits for the KV: the lease, the decode's reserved blocks and the pair's

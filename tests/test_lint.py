@@ -1,4 +1,5 @@
-"""The tree is ruff clean, ruff formatted and mypy clean (rules in pyproject.toml).
+"""The tree is ruff clean, ruff formatted and mypy clean (rules in pyproject.toml), and the package
+bounds its waits with ``asyncio.timeout``, never ``asyncio.wait_for``.
 
 mypy does not follow setuptools' editable-install finder, so the type check runs over a symlink
 tree that lays the folders out as the installed ``k2serve`` namespace.
@@ -6,6 +7,7 @@ tree that lays the folders out as the installed ``k2serve`` namespace.
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -49,3 +51,30 @@ def test_mypy_reports_no_error(tmp_path: Path) -> None:
         [mypy, "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"), "-p", "k2serve"],
         cwd=tmp_path,
     )
+
+
+def _wait_for_calls(source: str) -> list[int]:
+    """Lines of ``asyncio.wait_for`` (however imported) in ``source``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module == "asyncio":
+            lines += [node.lineno for alias in node.names if alias.name == "wait_for"]
+        elif isinstance(node, ast.Attribute) and node.attr == "wait_for":
+            if isinstance(node.value, ast.Name) and node.value.id == "asyncio":
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_package_never_bounds_a_wait_with_asyncio_wait_for() -> None:
+    """On Python 3.11 ``wait_for`` returns the result, and drops the cancel, when the task is cancelled
+    as the awaited work finishes: a client that left mid-stream then never stopped its request."""
+    assert _wait_for_calls("import asyncio\nasync def f(x):\n    return await asyncio.wait_for(x, 1)\n") == [3]
+    assert _wait_for_calls("from asyncio import wait_for\n") == [1]
+    sources = [ROOT / "k2serve", *(ROOT / folder for folder in SUBPACKAGES if folder != "proto")]
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for folder in sources
+        for path in sorted(folder.rglob("*.py"))
+        for line in _wait_for_calls(path.read_text())
+    ]
+    assert found == [], "use `async with asyncio.timeout(...)` instead: " + ", ".join(found)

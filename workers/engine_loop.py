@@ -30,6 +30,7 @@ already failed every request; the loop then serves like an idle engine and refus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ class EngineLoop:
             self._commands.append(request_id)
         self._wake.set()
         if self._task is not None:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._task)
             self._task = None
 
     async def generate(
@@ -156,7 +158,8 @@ class EngineLoop:
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._commands.append(_Call(fn, done))
         self._wake.set()
-        return await asyncio.wait_for(done, timeout_s)
+        async with asyncio.timeout(timeout_s):  # expiry cancels ``done``: a late result is dropped
+            return await done
 
     def _submit(self, add: _Add) -> AsyncIterator[RequestOutput]:
         if self._stopping or self._task is None:
@@ -244,10 +247,9 @@ class EngineLoop:
     async def _sleep(self, timeout_s: float) -> None:
         """Wait for a command or the timeout, whichever comes first."""
         self._wake.clear()
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
 
     def _apply_commands(self) -> None:
         commands, self._commands = self._commands, []

@@ -105,7 +105,8 @@ class HandoffQueue:
                 if self._waiters[0] is waiter:
                     remaining = min(self.poll_s, remaining)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.wake.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await waiter.wake.wait()
         finally:
             self._waiters.remove(waiter)
             self.notify()  # the next in line tries at once
