@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from k2serve.proto import worker_pb2
 from k2serve.router.dispatcher import Dispatcher
@@ -34,7 +35,9 @@ from k2serve.workers.greedy import greedy_generate
 from k2serve.workers.group_rank import GroupRank, RankSpec
 from k2serve.workers.kv_pages import CacheKvSink, CacheKvSource
 from k2serve.workers.kv_progress import LayerProgress, ProgressKvSource
+from k2serve.workers.kv_push_receiver import PushedKv, PushReceiver
 from k2serve.workers.kv_transfer import TransferError, TransferState
+from k2serve.workers.kv_transfer_metrics import KvTransferMetrics
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
 from k2serve.workers.model.kv_cache import allocate_kv_cache
 from k2serve.workers.model.model import KimiK2ForCausalLM
@@ -302,7 +305,9 @@ def test_a_push_that_fails_mid_transfer_is_pulled_instead_and_equals_the_oracle(
             assert outs == oracle[:3]
             # r0 pushed (send 1); r1's push dropped (send 2), pulled (send 3); r2's push dropped (send 4), pulled
             assert _sample(decode, "k2serve_kv_pushes_total", outcome="claimed") == 1
-            assert _sample(decode, "k2serve_kv_pushes_total", outcome="fell_back") == 2
+            # a failed push ends in its Decode's claim (fell_back) or, if the sweep saw it first, as failed
+            failed = sum(_sample(decode, "k2serve_kv_pushes_total", outcome=o) for o in ("fell_back", "failed"))
+            assert failed == 2 and decode.metrics.kv.failed == 2
             assert prefill.faults.kv_dropped == 2
             await _quiescent(prefill, decode)
 
@@ -322,3 +327,52 @@ def test_a_request_that_ends_with_its_first_token_leaves_no_push_behind(
             await _quiescent(prefill, decode, timeout_s=2.0)  # a push it took is gone, not held to its expiry
 
     asyncio.run(main())
+
+
+class _FailedReceiver:
+    """A push receiver whose transfer failed (a checksum mismatch, a dropped connection)."""
+
+    bytes_moved, seconds = 4096, 0.01
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    def poll(self) -> TransferState:
+        return TransferState.FAILED
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled.append(reason)
+
+
+def test_a_push_that_failed_before_its_decode_came_counts_as_a_failed_receive() -> None:
+    """Whichever comes first, the expiry sweep or the claim (``settle``), a failed push is one failed
+    receive in the metrics: the sweep used to count only the push outcome."""
+
+    async def main() -> tuple[KvTransferMetrics, _FailedReceiver, list[str]]:
+        metrics = KvTransferMetrics(CollectorRegistry())
+        freed: list[str] = []
+
+        async def cancel_reservation(request_id: str) -> None:
+            freed.append(request_id)
+
+        async def reserve(request_id: str, num_tokens: int) -> list[int] | None:
+            return None
+
+        pushes = PushReceiver(
+            None,  # type: ignore[arg-type]  # the sweep never touches the engine
+            metrics,
+            lambda: None,
+            reserve,
+            cancel_reservation,
+            lambda request_id: None,
+            transfer_timeout_s=1.0,
+        )
+        receiver = _FailedReceiver()
+        pushes._pushes["lease-1"] = PushedKv("r1", "lease-1", [3, 4], receiver, time.monotonic() + 60)  # type: ignore[arg-type]
+        await pushes.expire()
+        assert len(pushes) == 0 and pushes.claim("lease-1", "r1") is None
+        return metrics, receiver, freed
+
+    metrics, receiver, freed = asyncio.run(main())
+    assert (metrics.failed, metrics.ok, metrics.received_bytes) == (1, 0, 4096)
+    assert receiver.cancelled and freed == ["r1"]

@@ -188,7 +188,9 @@ class PushReceiver:
                 continue
             del self._pushes[push.lease_id]
             self.metrics.push_ended("failed" if failed else "expired")
-            if not failed:
+            if failed:  # a failed receive, as when its Decode claims it first (``settle``)
+                self.metrics.finished("receive", "p2p", push.receiver.bytes_moved, push.receiver.seconds, False)
+            else:
                 logger.warning("push of %s (lease %s) was never claimed", push.request_id, push.lease_id)
             await self._end(push, "the push was never claimed")
 
