@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from ray_faults import local_ray_with_faults
+from local_ray import local_ray
 
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_handle import ControllerHandle
@@ -50,7 +50,7 @@ def oracle(model_dir: Path) -> dict[tuple[int, ...], list[int]]:
 
 @pytest.fixture(scope="module")
 def ray_with_device_time() -> Iterator[None]:
-    with local_ray_with_faults("step_ms_per_token=4", NAMESPACE):
+    with local_ray(NAMESPACE, {"K2SERVE_FAULTS": "step_ms_per_token=4"}):
         yield
 
 

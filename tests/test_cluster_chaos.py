@@ -56,10 +56,11 @@ import grpc
 import pytest
 import ray
 import torch
+from local_ray import local_ray
 from request_ledger import Ledger, Result, report
 from serve_process import ServeProcess
 
-from k2serve.cluster.config import ClusterConfig, RaySettings
+from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_handle import ControllerHandle
 from k2serve.cluster.ray_runtime import RayRuntime
 from k2serve.cluster.registry_client import RegistryClient
@@ -130,11 +131,8 @@ def stream_oracle(reference: KimiK2ForCausalLM, prompts: list[list[int]]) -> lis
 
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[RayRuntime]:
-    runtime = RayRuntime.start(RaySettings(num_cpus=4, namespace=NAMESPACE))
-    try:
+    with local_ray(NAMESPACE) as runtime:
         yield runtime
-    finally:
-        runtime.shutdown()
 
 
 @pytest.fixture(scope="module")

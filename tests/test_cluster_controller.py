@@ -23,6 +23,7 @@ import grpc
 import pytest
 import ray
 import torch
+from local_ray import local_ray
 
 from k2serve.cluster.config import ClusterConfig, HealthSettings, RaySettings, RestartSettings
 from k2serve.cluster.controller_handle import ControllerHandle
@@ -55,11 +56,8 @@ def oracle(model_dir: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[RayRuntime]:
-    runtime = RayRuntime.start(RaySettings(num_cpus=4, namespace=NAMESPACE))
-    try:
+    with local_ray(NAMESPACE) as runtime:
         yield runtime
-    finally:
-        runtime.shutdown()
 
 
 def _config(model_dir: Path, pools: dict[str, object]) -> ClusterConfig:

@@ -47,6 +47,7 @@ import grpc
 import pytest
 import ray
 import torch
+from local_ray import local_ray
 from request_ledger import Ledger, Result, settle
 
 from k2serve.cluster.config import ClusterConfig, RaySettings
@@ -110,11 +111,8 @@ def long_oracle(reference: KimiK2ForCausalLM, prompts: list[list[int]]) -> list[
 
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[RayRuntime]:
-    runtime = RayRuntime.start(RaySettings(num_cpus=4, namespace=NAMESPACE))
-    try:
+    with local_ray(NAMESPACE) as runtime:
         yield runtime
-    finally:
-        runtime.shutdown()
 
 
 @pytest.fixture(scope="module")

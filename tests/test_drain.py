@@ -44,6 +44,7 @@ import pytest
 import ray
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from local_ray import local_ray
 from request_ledger import Ledger, Result, report, settle
 from serve_process import ServeProcess
 
@@ -381,13 +382,8 @@ async def _load(address: str) -> worker_pb2.Load:
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[RayRuntime]:
     """A local Ray whose worker processes see ``K2SERVE_WORKER_GRACE_S`` (they inherit this env)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(GRACE_ENV, f"{WORKER_GRACE_S:g}")
-        runtime = RayRuntime.start(RaySettings(num_cpus=4, namespace=NAMESPACE))
-        try:
-            yield runtime
-        finally:
-            runtime.shutdown()
+    with local_ray(NAMESPACE, {GRACE_ENV: f"{WORKER_GRACE_S:g}"}) as runtime:
+        yield runtime
 
 
 def _colocated(model_dir: Path, groups: int, ep_size: int) -> ClusterConfig:

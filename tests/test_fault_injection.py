@@ -600,9 +600,9 @@ RECOVERY_LIMIT_S = 90.0  # NOT_SERVING x health.failures rounds, backoff, a new 
 @pytest.fixture(scope="module")
 def ray_with_faults() -> Iterator[None]:
     """A local Ray started with ``K2SERVE_FAULTS`` in this process's environment (what its workers inherit)."""
-    from ray_faults import local_ray_with_faults
+    from local_ray import local_ray
 
-    with local_ray_with_faults(f"fail_forward_after={RAY_FAIL_AFTER}", RAY_NAMESPACE):
+    with local_ray(RAY_NAMESPACE, {"K2SERVE_FAULTS": f"fail_forward_after={RAY_FAIL_AFTER}"}):
         yield
 
 
