@@ -49,8 +49,7 @@ from k2serve.router.tokenizer import KimiTokenizer
 from k2serve.router.worker_client import NoWorkerError, TokenEvent
 
 CONTEXT_PHRASE = "This model's maximum context length is"
-RECANCEL_S = 0.1  # closing a request cancels its choice tasks again after this, until they end
-CLOSE_LIMIT_S = 10.0  # ... for this long at most; then its slot is given back anyway (and it is logged)
+CLOSE_LIMIT_S = 30.0  # closing a request waits this long for its choice tasks' cleanup, then logs and goes on
 
 logger = logging.getLogger(__name__)
 
@@ -275,26 +274,28 @@ class GenerationStream:
 
     async def aclose(self) -> None:
         """End the request: its choice tasks are cancelled (closing their worker calls aborts it on
-        every rank), then its admission slot is given back. Idempotent and safe to cancel: the closing
-        is one task that every call awaits shielded, so a caller cancelled on the way (a client gone
-        inside a cancelled scope) neither skips the slot's release nor lets a second call return early."""
+        every rank, and their cleanup releases a lease or a push), then its admission slot is given
+        back. Idempotent and safe to cancel: the closing is one task that every call awaits shielded,
+        so a caller cancelled on the way (a client gone inside a cancelled scope) neither skips the
+        slot's release nor lets a second call return early. Each choice task is cancelled once: a
+        second cancel would cut its cleanup short (an awaited release RPC) and leave blocks behind."""
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
         self._frontend._forget(self.request_id)
-        pending = {task for task in self._tasks if not task.done()}
-        deadline = time.monotonic() + CLOSE_LIMIT_S
-        while pending:  # cancelled again each round: a cancel dropped on the way is not the end of it
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
-            if pending and time.monotonic() > deadline:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=CLOSE_LIMIT_S)
+            if pending:
                 logger.error(
-                    "%s: %d choice task(s) ignored cancels for %gs", self.request_id, len(pending), CLOSE_LIMIT_S
+                    "%s: %d choice task(s) still running %gs after the cancel",
+                    self.request_id,
+                    len(pending),
+                    CLOSE_LIMIT_S,
                 )
-                break
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 logger.error("%s: a choice task failed", self.request_id, exc_info=task.exception())
