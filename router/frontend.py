@@ -297,8 +297,9 @@ class GenerationStream:
                     CLOSE_LIMIT_S,
                 )
         for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                logger.error("%s: a choice task failed", self.request_id, exc_info=task.exception())
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                logger.error("%s: a choice task failed", self.request_id, exc_info=error)
         for index in range(self.request.n):  # a consumer still iterating (an Abort by id) ends, too
             if index not in self._ended:
                 self._put(ChoiceFinished(index, "abort"))

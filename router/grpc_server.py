@@ -167,7 +167,7 @@ class Serving(serving_pb2_grpc.ServingServicer):
         finally:
             self._calls.pop(request_id, None)
             self._aborted.discard(request_id)
-            await asyncio.shield(stream.aclose())  # a second cancel must not skip the slot's release
+            await stream.aclose()  # shielded inside: a second cancel cannot skip the slot's release
 
     # -- wire request -> GenerationRequest --------------------------------------------------------
 
