@@ -251,7 +251,13 @@ def test_completions_echo_logprobs_and_usage_chunk(live: LiveRouter, client: ope
     assert logprobs is not None and logprobs.tokens is not None and len(logprobs.tokens) == 3
     assert logprobs.token_logprobs is not None and logprobs.top_logprobs is not None and logprobs.text_offset
     assert all(len(top) <= 2 for top in logprobs.top_logprobs) and logprobs.text_offset[0] == 0
-    body = {"prompt": "hello", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "hello",
+        "max_tokens": 3,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     lines = _sse_lines(live, "/v1/completions", body)
     assert lines[-2:] == ["data: [DONE]", ""]
     chunks = [json.loads(line[len("data: ") :]) for line in lines[0:-2:2]]
