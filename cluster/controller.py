@@ -60,8 +60,9 @@ STOP_GRACE_S = 2.0  # a rank's stop: the group's ranks agree to leave their lock
 
 
 class Controller:
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, cluster_token: str | None = None) -> None:
         self.config = config
+        self._cluster_token = cluster_token  # the registry and every rank require it (None: no check)
         self._desired: dict[str, int] = {pool.name: pool.groups for pool in config.pools}
         self._slots: dict[tuple[str, int], GroupSlot] = {}
         self._policy = RestartPolicy(config.restart)
@@ -86,7 +87,9 @@ class Controller:
                 self.metrics.registry, host, self.config.metrics.controller_port
             )
             self._board.controller_metrics_address = self._metrics_endpoint.address
-            self._registry = await RegistryServer.start(self._board, host, self.config.registry.port)
+            self._registry = await RegistryServer.start(
+                self._board, host, self.config.registry.port, cluster_token=self._cluster_token
+            )
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="controller-reconcile")
             if self.config.autoscaler.enabled:
@@ -326,7 +329,7 @@ class Controller:
     async def _start_group(self, slot: GroupSlot) -> None:
         slot.generation += 1
         slot.state = "starting"
-        group = WorkerGroup(self.config, slot.pool, slot.index, slot.generation)
+        group = WorkerGroup(self.config, slot.pool, slot.index, slot.generation, cluster_token=self._cluster_token)
         slot.group = group
         await self._publish()
         try:

@@ -29,7 +29,16 @@ class ControllerHandle:
     call_timeout_s: float = 30.0
 
     @classmethod
-    def launch(cls, config: ClusterConfig, *, name: str = CONTROLLER_NAME, timeout_s: float = 60.0) -> ControllerHandle:
+    def launch(
+        cls,
+        config: ClusterConfig,
+        *,
+        name: str = CONTROLLER_NAME,
+        timeout_s: float = 60.0,
+        cluster_token: str | None = None,
+    ) -> ControllerHandle:
+        """Start the controller actor on this node; with ``cluster_token`` its registry and every rank
+        require that token (``proto/cluster_token.py``)."""
         here = ray.get_runtime_context().get_node_id()
         actor: Any = CONTROLLER_ACTOR.options(
             name=name,
@@ -40,7 +49,7 @@ class ControllerHandle:
             max_task_retries=0,
             lifetime="detached" if config.ray.detached else None,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-        ).remote(config)
+        ).remote(config, cluster_token)
         try:
             address = ray.get(actor.start.remote(), timeout=timeout_s)
         except BaseException:

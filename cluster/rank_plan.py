@@ -43,8 +43,11 @@ def rank_spec_dict(config: ClusterConfig, pool: PoolConfig, rank: int, rendezvou
     }
 
 
-def worker_options_dict(config: ClusterConfig, pool: PoolConfig, worker_id: str) -> dict[str, Any]:
-    """``host`` is ``network.interface_host`` as configured; the actor resolves ``"node"``."""
+def worker_options_dict(
+    config: ClusterConfig, pool: PoolConfig, worker_id: str, cluster_token: str | None = None
+) -> dict[str, Any]:
+    """``host`` is ``network.interface_host`` as configured; the actor resolves ``"node"``. Holds the
+    cluster token: never log it."""
     return {
         "worker_id": worker_id,
         "role": pool.role,
@@ -58,6 +61,7 @@ def worker_options_dict(config: ClusterConfig, pool: PoolConfig, worker_id: str)
         "kv_lanes": config.kv_transfer.lanes,
         "model_name": config.served_model_name,
         "metrics_port": config.metrics.worker_port,
+        "cluster_token": cluster_token,
     }
 
 

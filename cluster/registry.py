@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from k2serve.cluster.worker_record import WorkerRecord, WorkerSnapshot
 from k2serve.proto import cluster_pb2, cluster_pb2_grpc
+from k2serve.proto.cluster_token import token_interceptor
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,15 @@ class RegistryServer:
 
     @classmethod
     async def start(
-        cls, board: WorkerBoard, host: str, port: int = 0, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S
+        cls,
+        board: WorkerBoard,
+        host: str,
+        port: int = 0,
+        *,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        cluster_token: str | None = None,
     ) -> RegistryServer:
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=token_interceptor(cluster_token))
         cluster_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(board, heartbeat_s), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

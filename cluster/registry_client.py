@@ -20,6 +20,7 @@ import grpc
 from k2serve.cluster.registry import DEFAULT_HEARTBEAT_S
 from k2serve.cluster.worker_record import WorkerRecord, WorkerSnapshot, WorkerState
 from k2serve.proto import cluster_pb2, cluster_pb2_grpc
+from k2serve.proto.cluster_token import authorized
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,10 @@ class RegistryClient:
         max_reconnects: int = 5,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
+        cluster_token: str | None = None,
     ) -> None:
         self.address = address
+        self._cluster_token = cluster_token
         self._connect_timeout_s = connect_timeout_s
         self._silence_s = 3 * heartbeat_s
         self._max_reconnects = max_reconnects
@@ -76,7 +79,7 @@ class RegistryClient:
 
     async def list(self, timeout_s: float = 5.0) -> WorkerSnapshot:
         async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = cluster_pb2_grpc.RegistryStub(channel)
+            stub = authorized(cluster_pb2_grpc.RegistryStub(channel), self._cluster_token)
             message = await stub.List(cluster_pb2.ListRequest(), timeout=timeout_s, wait_for_ready=True)
         return snapshot_from_proto(message)
 
@@ -103,7 +106,9 @@ class RegistryClient:
         async with grpc.aio.insecure_channel(self.address) as channel:
             async with asyncio.timeout(self._connect_timeout_s):
                 await channel.channel_ready()
-            call = cluster_pb2_grpc.RegistryStub(channel).Watch(cluster_pb2.WatchRequest())
+            call = authorized(cluster_pb2_grpc.RegistryStub(channel), self._cluster_token).Watch(
+                cluster_pb2.WatchRequest()
+            )
             try:
                 last: int | None = None
                 while True:

@@ -74,6 +74,7 @@ class WorkerGroup:
     ranks: list[RankSlot] = field(default_factory=list)
     placement_group: Any = None
     strategy: str = ""
+    cluster_token: str | None = field(default=None, repr=False)  # each rank's server requires it
 
     def __post_init__(self) -> None:
         if not self.ranks:
@@ -154,7 +155,7 @@ class WorkerGroup:
         starts = [
             slot.actor.start.remote(
                 rank_spec_dict(self.config, self.pool, slot.rank, rendezvous),
-                worker_options_dict(self.config, self.pool, slot.worker_id),
+                worker_options_dict(self.config, self.pool, slot.worker_id, self.cluster_token),
             )
             for slot in self.ranks
         ]

@@ -35,6 +35,7 @@ import httpx
 
 from k2serve.kernels.bench_report import write_section
 from k2serve.proto import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+from k2serve.proto.cluster_token import authorized
 
 HOST = "127.0.0.1"
 METHODS = ("direct", "rest", "grpc")
@@ -133,7 +134,7 @@ async def _children(args: argparse.Namespace) -> AsyncIterator[tuple[str, str, s
 class _Clients:
     def __init__(self, worker_address: str, router_url: str, router_grpc: str, output_tokens: int) -> None:
         self.worker_channel = grpc.aio.insecure_channel(worker_address)
-        self.worker = worker_pb2_grpc.WorkerStub(self.worker_channel)
+        self.worker = authorized(worker_pb2_grpc.WorkerStub(self.worker_channel), None)  # its own rank: no token
         self.router_channel = grpc.aio.insecure_channel(router_grpc)
         self.serving = serving_pb2_grpc.ServingStub(self.router_channel)
         self.http = httpx.AsyncClient(base_url=router_url, timeout=120.0)

@@ -13,7 +13,8 @@ finish, the rest are aborted (finish reason ``abort``); a second signal ends the
 runs as its own deployment (Kubernetes: a ``Deployment`` beside the Ray cluster). API keys come
 from ``K2SERVE_API_KEYS`` (comma-separated) or ``--api-key``; none = authentication off. With
 ``--tls-cert``/``--tls-key`` both listeners speak TLS (``--tls-ca``: mutual TLS); the router's own
-calls to workers stay plaintext on the cluster's private interface.
+calls to workers stay plaintext on the cluster's private interface and carry the cluster token from
+``K2SERVE_CLUSTER_TOKEN`` (``proto/cluster_token.py``; unset = none, for a cluster without one).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import grpc
 from k2serve.cluster.config import RouterSettings
 from k2serve.cluster.registry_client import RegistryClient, RegistryUnavailableError
 from k2serve.cluster.worker_record import WorkerSnapshot
+from k2serve.proto.cluster_token import ENV_VAR, checked_token
 from k2serve.router.admission import Admission, AdmissionLimits
 from k2serve.router.chat_template import ChatTemplate
 from k2serve.router.dispatcher import Dispatcher
@@ -64,10 +66,12 @@ def build_frontend(model_dir: Path, settings: RouterSettings, max_model_len: int
     return Frontend(dispatcher, tokenizer, ChatTemplate.from_model_dir(model_dir), model, Admission(limits))
 
 
-def router_dispatcher(settings: RouterSettings, policy: RoutingPolicy) -> Dispatcher:
-    """The ``Dispatcher`` of a router with ``settings`` (migration and stall bounds) and ``policy``."""
+def router_dispatcher(settings: RouterSettings, policy: RoutingPolicy, cluster_token: str | None) -> Dispatcher:
+    """The ``Dispatcher`` of a router with ``settings`` (migration and stall bounds) and ``policy``; its
+    calls to workers carry ``cluster_token``."""
     return Dispatcher(
         policy=policy,
+        cluster_token=cluster_token,
         migration_limit=settings.migration_limit,
         stall_timeout_s=settings.stall_timeout_s,
         kv_push=settings.kv_push,
@@ -141,8 +145,17 @@ def tls_files(settings: RouterSettings) -> TlsFiles | None:
     return TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca, names=names)
 
 
+def cluster_token_from_env() -> str | None:
+    """``K2SERVE_CLUSTER_TOKEN`` checked (ValueError naming it), or None when unset."""
+    return checked_token(os.environ.get(ENV_VAR))
+
+
 def registry_follower(
-    address: str, targets: ScrapeTargets, wait_s: float = REGISTRY_WAIT_S, retry_s: float = REGISTRY_RETRY_S
+    address: str,
+    targets: ScrapeTargets,
+    cluster_token: str | None,
+    wait_s: float = REGISTRY_WAIT_S,
+    retry_s: float = REGISTRY_RETRY_S,
 ) -> tuple[Follow, Follow]:
     """(``first``: load the current set once, ``follow``: keep following it) for ``address``; both
     also keep ``targets`` (the ``/metrics`` endpoints for service discovery) equal to the set.
@@ -150,8 +163,8 @@ def registry_follower(
     ``first`` waits up to ``wait_s`` for a registry that is not up yet (a router that starts before
     the head node), then raises ``RegistryUnavailableError``. ``follow`` never gives up while the
     router runs: when the registry stays away (a restarting head) it keeps routing to the last set
-    and tries again every ``retry_s``."""
-    registry = RegistryClient(address)
+    and tries again every ``retry_s``. A registry that refuses ``cluster_token`` fails ``first`` at once."""
+    registry = RegistryClient(address, cluster_token=cluster_token)
 
     async def apply(snapshot: WorkerSnapshot, dispatcher: Dispatcher) -> None:
         await dispatcher.update(endpoints_of(snapshot.ready()))
@@ -164,6 +177,10 @@ def registry_follower(
                 await apply(await registry.list(), dispatcher)
                 return
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise RegistryUnavailableError(
+                        f"registry {address} refused this router's cluster token: set {ENV_VAR} to the cluster's"
+                    ) from exc
                 if time.monotonic() + retry_s > deadline:
                     raise RegistryUnavailableError(f"registry {address}: not reachable in {wait_s:g}s") from exc
                 print(f"k2serve: waiting for the registry at {address}", file=sys.stderr, flush=True)
@@ -234,11 +251,13 @@ def run_router(args: argparse.Namespace) -> int:
     if bool(fixed) == bool(args.registry):
         raise ValueError("router: give either --registry HOST:PORT or one or more --worker")
 
+    token = cluster_token_from_env()
+
     async def main() -> int:
-        dispatcher = router_dispatcher(settings, policy)
+        dispatcher = router_dispatcher(settings, policy, token)
         frontend = build_frontend(model_dir, settings, max_model_len, dispatcher)
         if args.registry:
-            first, follow = registry_follower(args.registry, frontend.scrape_targets, wait_s=args.registry_wait)
+            first, follow = registry_follower(args.registry, frontend.scrape_targets, token, wait_s=args.registry_wait)
             try:
                 await first(dispatcher)
             except RegistryUnavailableError as exc:

@@ -1,7 +1,8 @@
 """``k2serve serve`` and ``k2serve cluster``: bring up the cluster and the router in this process.
 
 Lifecycle: resolve a ``ClusterConfig`` (``--config FILE``; or ``MODEL_DIR`` with the demo layout;
-or ``--demo``, which first writes the tiny model to a cache folder) -> start or join Ray
+or ``--demo``, which first writes the tiny model to a cache folder) -> the cluster token
+(``K2SERVE_CLUSTER_TOKEN``, else a fresh one; ``cluster --no-router`` needs the variable) -> start or join Ray
 (``RayRuntime``, token auth on) -> launch the ``Controller`` (it places and starts every worker
 group and serves the registry) -> wait until every group is ready -> run the router
 (``router_main.serve_router``: REST and gRPC on ``router.host``, a ``Dispatcher`` kept equal to
@@ -28,9 +29,17 @@ from types import FrameType
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.controller_handle import ControllerHandle
 from k2serve.cluster.ray_runtime import RayRuntime
+from k2serve.proto.cluster_token import ENV_VAR, new_token
 from k2serve.router.policy import parse_policy
 from k2serve.router.router_server import DrainReport
-from k2serve.router_main import api_keys, build_frontend, registry_follower, router_dispatcher, serve_router
+from k2serve.router_main import (
+    api_keys,
+    build_frontend,
+    cluster_token_from_env,
+    registry_follower,
+    router_dispatcher,
+    serve_router,
+)
 
 
 def resolve_config(args: argparse.Namespace) -> ClusterConfig:
@@ -56,6 +65,18 @@ def resolve_config(args: argparse.Namespace) -> ClusterConfig:
         data["router"] = {**data.get("router", {}), **overrides}
         config = ClusterConfig.from_dict(data)
     return config
+
+
+def cluster_token(args: argparse.Namespace) -> str:
+    """The token the cluster's internal calls need (``proto/cluster_token.py``): ``K2SERVE_CLUSTER_TOKEN``,
+    else a fresh one, which only this process knows. So ``cluster --no-router``, whose routers run
+    elsewhere, needs the variable (ValueError otherwise)."""
+    token = cluster_token_from_env()
+    if token is not None:
+        return token
+    if getattr(args, "no_router", False):
+        raise ValueError(f"cluster --no-router: set {ENV_VAR} (the routers elsewhere need the same token)")
+    return new_token()
 
 
 def demo_model(folder: Path) -> Path:
@@ -94,20 +115,23 @@ def run_serve(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     signals = _Signals()
     grace_left = args.grace  # what the groups' drain gets at the stop
+    token = cluster_token(args)
+    token_source = ENV_VAR if cluster_token_from_env() else "generated, known to this process only"
     runtime = RayRuntime.start(config.ray, bind_host=config.network.interface_host)
     signals.install()
     controller: ControllerHandle | None = None
     try:
-        controller = ControllerHandle.launch(config)
+        controller = ControllerHandle.launch(config, cluster_token=token)
         if getattr(args, "no_router", False):
             return _head(controller, args.ready_timeout)
         if not controller.wait_ready(args.ready_timeout):
             status = controller.status()
             print(f"k2serve: the cluster was not ready in {args.ready_timeout:g}s: {status}", file=sys.stderr)
             return 1
+        print(f"k2serve: registry at {controller.registry_address} (cluster token: {token_source})", flush=True)
         signals.serving = True
         signals.install()
-        report = asyncio.run(_route(config, controller.registry_address, args.grace))
+        report = asyncio.run(_route(config, controller.registry_address, args.grace, token))
         # the groups drain too (routers elsewhere may use them), in what is left of the grace
         grace_left = max(0.0, args.grace - report.seconds)
         return 0
@@ -137,10 +161,10 @@ def _head(controller: ControllerHandle, report_every_s: float) -> int:
         time.sleep(1.0)
 
 
-async def _route(config: ClusterConfig, registry_address: str, grace_s: float) -> DrainReport:
-    dispatcher = router_dispatcher(config.router, parse_policy(config.router.policy))
+async def _route(config: ClusterConfig, registry_address: str, grace_s: float, token: str) -> DrainReport:
+    dispatcher = router_dispatcher(config.router, parse_policy(config.router.policy), token)
     max_model_len = min(p.max_model_len for p in config.pools)
     frontend = build_frontend(config.model, config.router, max_model_len, dispatcher)
-    first, follow = registry_follower(registry_address, frontend.scrape_targets)
+    first, follow = registry_follower(registry_address, frontend.scrape_targets, token)
     await first(dispatcher)
     return await serve_router(frontend, config.router, api_keys(None), follow, grace_s)

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto.cluster_token import authorized
 from k2serve.router.policy import RoutingPolicy, WorkerLoad, choose
 from k2serve.router.prefix_index import BlockName, PrefixIndex
 from k2serve.router.request_progress import RequestProgress
@@ -82,6 +83,7 @@ class Dispatcher:
     stall_timeout_s: float = 30.0  # a started stream silent this long counts as a dead rank; 0 = off
     kv_push: bool = True  # pick the decode rank first, so the prefill rank pushes the KV layer by layer
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # the index keeps its first block size
+    cluster_token: str | None = field(default=None, repr=False)  # carried by every call to a worker
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (role, Pick.reason) -> picks, for metrics
     migrations: Counter[str] = field(default_factory=Counter)  # "ongoing" | "new" -> re-issued requests
     _workers: WorkerSet = field(init=False)
@@ -94,7 +96,7 @@ class Dispatcher:
             raise ValueError(f"migration_limit: must be >= 0, got {self.migration_limit}")
         if self.stall_timeout_s < 0:
             raise ValueError(f"stall_timeout_s: must be >= 0 (0 = off), got {self.stall_timeout_s}")
-        self._workers = WorkerSet(retire_grace_s=self.request_timeout_s)
+        self._workers = WorkerSet(retire_grace_s=self.request_timeout_s, cluster_token=self.cluster_token)
         self._index = PrefixIndex(self.policy.block_size, self.policy.max_index_entries)
 
     def start_monitor(self, interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
@@ -384,7 +386,8 @@ class Dispatcher:
                 await live.stub.Abort(abort, timeout=RELEASE_TIMEOUT_S)
                 return
             async with grpc.aio.insecure_channel(prefill.endpoint.address, options=CHANNEL_OPTIONS) as channel:
-                await worker_pb2_grpc.WorkerStub(channel).Abort(abort, timeout=RELEASE_TIMEOUT_S)
+                stub = authorized(worker_pb2_grpc.WorkerStub(channel), self.cluster_token)
+                await stub.Abort(abort, timeout=RELEASE_TIMEOUT_S)
 
     async def abort(self, request_id: str) -> None:
         """Best effort on every worker (the request may be on any of them); bounded. A call this ends

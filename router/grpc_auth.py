@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
+from k2serve.proto.cluster_token import PUBLIC_METHOD_PREFIXES, denied_handler
 from k2serve.router.api_keys import ApiKeys
 
-PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 UNAUTHENTICATED_MESSAGE = "a valid API key is required (`authorization: Bearer <key>` or `x-api-key: <key>` metadata)"
 
 
@@ -48,24 +48,4 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or self._keys.tenant_of_headers(headers) is not None:
             return handler  # None: an unknown method (UNIMPLEMENTED) reveals nothing
-        return _denied(handler)
-
-
-async def _deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-
-
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of ``handler``'s shape that ends the call with UNAUTHENTICATED."""
-    shape = (handler.request_streaming, handler.response_streaming)
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[shape]
-    return factory(
-        _deny,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+        return denied_handler(handler, UNAUTHENTICATED_MESSAGE)

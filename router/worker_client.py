@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto.cluster_token import authorized
 from k2serve.router.load_monitor import LoadMonitor
 from k2serve.router.policy import WorkerLoad
 
@@ -75,13 +77,13 @@ class StalledError(Exception):
 class WorkerClient:
     endpoint: WorkerEndpoint
     channel: grpc.aio.Channel
-    stub: worker_pb2_grpc.WorkerStub
+    stub: Any  # a WorkerStub whose calls carry the cluster token (``proto/cluster_token.py``)
     in_flight: int = 0
 
     @classmethod
-    def connect(cls, endpoint: WorkerEndpoint) -> WorkerClient:
+    def connect(cls, endpoint: WorkerEndpoint, cluster_token: str | None = None) -> WorkerClient:
         channel = grpc.aio.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
-        return cls(endpoint, channel, worker_pb2_grpc.WorkerStub(channel))
+        return cls(endpoint, channel, authorized(worker_pb2_grpc.WorkerStub(channel), cluster_token))
 
     @property
     def worker_id(self) -> str:
@@ -119,6 +121,7 @@ class WorkerSet:
     """The live workers one router reaches, by worker id."""
 
     retire_grace_s: float  # a retiring channel closes once its calls end, at the latest after this
+    cluster_token: str | None = field(default=None, repr=False)  # carried by every call to a worker
     _clients: dict[str, WorkerClient] = field(default_factory=dict)
     _retiring: dict[asyncio.Task[None], grpc.aio.Channel] = field(default_factory=dict)  # closing after their calls
     _monitor: LoadMonitor | None = None
@@ -144,7 +147,7 @@ class WorkerSet:
                 self._monitor.forget(worker_id)
         for worker_id, endpoint in wanted.items():
             if worker_id not in self._clients:
-                self._clients[worker_id] = WorkerClient.connect(endpoint)
+                self._clients[worker_id] = WorkerClient.connect(endpoint, self.cluster_token)
         return gone
 
     @property

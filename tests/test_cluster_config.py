@@ -217,7 +217,13 @@ def test_rank_plan_builds_the_rank_spec_and_resolves_a_memory_budget(model_dir: 
         "kv_lanes": 4,
         "model_name": model_dir.name,
         "metrics_port": 0,
+        "cluster_token": None,
     }
+    with_token = worker_options_dict(config, decode, "decode-g1-r3", "t" * 32)
+    assert with_token == {**options, "cluster_token": "t" * 32}
+    from k2serve.workers.worker_options import WorkerOptions
+
+    assert "t" * 32 not in repr(WorkerOptions(**with_token))  # options are logged: never the secret
 
 
 def test_kv_lanes_bound_matches_the_transport_and_worker_options_check_it() -> None:

@@ -132,7 +132,7 @@ def test_a_router_waits_for_a_late_registry_and_lists_its_metrics_endpoints() ->
     async def body() -> None:
         port = _free_port()
         targets, dispatcher = ScrapeTargets(), Dispatcher()
-        first, _ = registry_follower(f"127.0.0.1:{port}", targets, wait_s=20.0, retry_s=0.2)
+        first, _ = registry_follower(f"127.0.0.1:{port}", targets, None, wait_s=20.0, retry_s=0.2)
         waiting = asyncio.create_task(first(dispatcher))
         await asyncio.sleep(1.0)
         assert not waiting.done()  # nothing listens yet: still waiting, not failed
@@ -159,7 +159,7 @@ def test_a_router_waits_for_a_late_registry_and_lists_its_metrics_endpoints() ->
 
 def test_a_router_gives_up_on_a_registry_that_never_comes_within_its_bound() -> None:
     async def body() -> None:
-        first, _ = registry_follower(f"127.0.0.1:{_free_port()}", ScrapeTargets(), wait_s=1.0, retry_s=0.2)
+        first, _ = registry_follower(f"127.0.0.1:{_free_port()}", ScrapeTargets(), None, wait_s=1.0, retry_s=0.2)
         with pytest.raises(RegistryUnavailableError, match="not reachable"):
             await asyncio.wait_for(first(Dispatcher()), 15.0)
 

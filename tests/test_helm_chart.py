@@ -10,6 +10,7 @@ PodTemplateSpecs, and the ConfigMap's cluster YAML is accepted by ``ClusterConfi
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import json
@@ -28,6 +29,7 @@ import yaml
 from k2serve.cli import build_parser
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.config_error import ClusterConfigError
+from k2serve.proto import cluster_token
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm"
@@ -372,9 +374,9 @@ def test_a_pool_larger_than_its_worker_group_fails_the_render() -> None:
 
 def test_secrets_are_created_only_without_an_existing_secret() -> None:
     default = {doc["metadata"]["name"]: doc for _, doc in documents("default") if doc["kind"] == "Secret"}
-    assert set(default) == {f"{RELEASE}-k2serve-api-keys", f"{RELEASE}-k2serve-ray-token"}
+    assert set(default) == {f"{RELEASE}-k2serve-{name}" for name in ("api-keys", "ray-token", "cluster-token")}
     production = {doc["metadata"]["name"] for _, doc in documents("production") if doc["kind"] == "Secret"}
-    assert production == {f"{RELEASE}-k2serve-ray-token"}  # the API keys come from k2serve-api-keys
+    assert production == {f"{RELEASE}-k2serve-ray-token", f"{RELEASE}-k2serve-cluster-token"}  # keys: k2serve-api-keys
     router = the("production", "Deployment")["spec"]["template"]["spec"]["containers"][0]
     (keys,) = [e for e in router["env"] if e["name"] == "K2SERVE_API_KEYS"]
     assert keys["valueFrom"]["secretKeyRef"] == {"name": "k2serve-api-keys", "key": "api-keys"}
@@ -390,6 +392,44 @@ def test_a_given_api_key_is_used_and_none_is_invented_in_values() -> None:
     assert not off["k2serve/templates/secret-api-keys.yaml"].strip()
     assert "K2SERVE_API_KEYS" not in off["k2serve/templates/deployment-router.yaml"]
     assert "auth: disabled" in off["k2serve/templates/configmap.yaml"]
+
+
+def _cluster_token_refs(out: dict[str, str]) -> dict[str, Any]:
+    """Container name -> the secretKeyRef of its K2SERVE_CLUSTER_TOKEN (the head and the routers)."""
+    raycluster = yaml.safe_load(out["k2serve/templates/raycluster.yaml"])
+    router = yaml.safe_load(out["k2serve/templates/deployment-router.yaml"])
+    refs = {}
+    for template in [*ray_pod_templates(raycluster).values(), router["spec"]["template"]]:
+        for container in template["spec"]["containers"]:
+            for env in container.get("env", []):
+                if env["name"] == "K2SERVE_CLUSTER_TOKEN":
+                    refs[container["name"]] = env["valueFrom"]["secretKeyRef"]
+    return refs
+
+
+def test_the_head_and_the_routers_share_one_cluster_token_secret() -> None:
+    """``k2serve cluster --no-router`` refuses to start without K2SERVE_CLUSTER_TOKEN, and a router with
+    another token is refused by the registry: both must read the same Secret key."""
+    out = render({})
+    refs = _cluster_token_refs(out)
+    assert set(refs) == {"ray-head", "router"}, refs  # the ranks get it from the controller
+    assert all(ref == {"name": f"{RELEASE}-k2serve-cluster-token", "key": "cluster-token"} for ref in refs.values())
+    secret = yaml.safe_load(out["k2serve/templates/secret-cluster-token.yaml"])
+    made = base64.b64decode(secret["data"]["cluster-token"]).decode()
+    assert len(made) == 64 and cluster_token.checked_token(made) == made  # what the entry points accept
+    given = render({"clusterToken": {"token": "t" * 16}})
+    assert yaml.safe_load(given["k2serve/templates/secret-cluster-token.yaml"])["data"] == {
+        "cluster-token": base64.b64encode(b"t" * 16).decode()
+    }
+    theirs = render({"clusterToken": {"existingSecret": "ours", "secretKey": "k"}})
+    assert not theirs["k2serve/templates/secret-cluster-token.yaml"].strip()
+    theirs_refs = _cluster_token_refs(theirs)
+    assert set(theirs_refs) == {"ray-head", "router"}
+    assert all(ref == {"name": "ours", "key": "k"} for ref in theirs_refs.values())
+    with pytest.raises(helm.HelmRenderError, match="clusterToken"):
+        render({"clusterToken": {"create": False}})
+    with pytest.raises(helm.HelmValuesError, match="clusterToken"):
+        render({"clusterToken": {"token": "short"}})  # the schema: what K2SERVE_CLUSTER_TOKEN accepts
 
 
 # ---- values schema -----------------------------------------------------------------------------------

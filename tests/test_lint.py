@@ -78,3 +78,41 @@ def test_the_package_never_bounds_a_wait_with_asyncio_wait_for() -> None:
         for line in _wait_for_calls(path.read_text())
     ]
     assert found == [], "use `async with asyncio.timeout(...)` instead: " + ", ".join(found)
+
+
+INTERNAL_STUBS = ("WorkerStub", "RegistryStub")
+
+
+def _bare_internal_stubs(source: str) -> list[int]:
+    """Lines that build a Worker or Registry stub outside ``authorized(...)``: calls that would not
+    carry the cluster token."""
+    tree = ast.parse(source)
+    wrapped = {
+        id(arg)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "authorized"
+        for arg in node.args[:1]
+    }
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and id(node) not in wrapped:
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in INTERNAL_STUBS:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_every_internal_stub_carries_the_cluster_token() -> None:
+    """A rank or the registry refuses a call without the token: every stub the package builds for them
+    goes through ``proto.cluster_token.authorized`` (which adds it, or nothing when there is none)."""
+    assert _bare_internal_stubs("s = pb.WorkerStub(ch)\nt = authorized(pb.RegistryStub(ch), tok)\n") == [1]
+    assert _bare_internal_stubs("s = authorized(WorkerStub(ch), None)\n") == []
+    sources = [ROOT / "k2serve", *(ROOT / folder for folder in SUBPACKAGES)]
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for folder in sources
+        for path in sorted(folder.rglob("*.py"))
+        if not path.name.endswith("_pb2_grpc.py")
+        for line in _bare_internal_stubs(path.read_text())
+    ]
+    assert found == [], "wrap with authorized(stub, cluster_token): " + ", ".join(found)

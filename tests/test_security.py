@@ -11,7 +11,10 @@
 - 16, auth coverage (S6), gRPC side (the REST side is test_bad_input's route enumeration): every
   method of every service the router's gRPC server exposes, listed by its own reflection, answers
   UNAUTHENTICATED without a valid key (missing, wrong, wrong case, ``Basic``, no scheme), except
-  health and reflection; with the key no call is UNAUTHENTICATED.
+  health and reflection; with the key no call is UNAUTHENTICATED. The same for the cluster's internal
+  services (every rank's ``Worker`` and the controller's ``Registry``) and the cluster token: missing,
+  wrong, a prefix of it, or sent as a bearer key is UNAUTHENTICATED; the stack itself, whose router
+  and ranks call each other with it, serves a request.
 - 19, prefix-cache isolation (S8): through a live router with keys for tenants A and B, the same
   long prompt from A, A, B: A's second request reports cached prompt tokens, B's none, even when B
   sends A's salt as ``cache_salt`` or in tenant-looking headers; on OpenAI, Anthropic and gRPC.
@@ -42,7 +45,7 @@ from router_fixtures import LiveRouter, live_router
 from serve_process import ServeProcess
 from unsafe_code import scan, scan_files
 
-from k2serve.proto import serving_pb2, serving_pb2_grpc
+from k2serve.proto import cluster_pb2, cluster_token, serving_pb2, serving_pb2_grpc, worker_pb2
 from k2serve.router.api_keys import ApiKeys
 from k2serve.tiny_model import make_tiny_model
 
@@ -51,6 +54,7 @@ KEY_A, KEY_B = "k-tenant-a", "k-tenant-b"
 CONFIGURED_HOST = "127.0.0.1"  # the demo's router.host and network.interface_host
 PUBLIC_GRPC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 CALL_TIMEOUT_S = 30.0
+CLUSTER_TOKEN = secrets.token_urlsafe(32)
 
 
 # -- 18: the lint ------------------------------------------------------------------------------------
@@ -187,19 +191,26 @@ class Stack:
     serving: ServeProcess
     grpc_target: str
     workers: dict[str, str]  # worker id -> address, from the ready line
+    registry: str  # host:port, from the registry line
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "K2SERVE_API_KEYS": f"{KEY_A},{KEY_B}"}
+    env = {**os.environ, "K2SERVE_API_KEYS": f"{KEY_A},{KEY_B}", cluster_token.ENV_VAR: CLUSTER_TOKEN}
     serving = ServeProcess.start(["serve", "--demo", "--demo-dir", str(folder / "demo")], folder, env=env)
     try:
         ready = next(line for line in serving.output if "ready at" in line)
         grpc_target = re.search(r"gRPC (\S+?),", ready)
         workers = dict(re.findall(r"([\w-]+)=([\d.]+:\d+)", ready.partition("workers:")[2]))
         assert grpc_target and workers, ready
-        yield Stack(serving, grpc_target.group(1), workers)
+        registry = next(
+            re.findall(r"registry at (\S+) \(cluster token: (\S+)\)", line)
+            for line in serving.output
+            if "registry at" in line
+        )
+        assert registry == [(registry[0][0], cluster_token.ENV_VAR)], registry
+        yield Stack(serving, grpc_target.group(1), workers, registry[0][0])
     finally:
         serving.stop()
 
@@ -355,6 +366,46 @@ def test_every_grpc_method_needs_a_key_except_health_and_reflection(stack: Stack
             assert call_status(channel, method, ()) != grpc.StatusCode.UNAUTHENTICATED, method.path
         check = next(m for m in public if m.name == "Check")
         assert call_status(channel, check, ()) == grpc.StatusCode.OK
+
+
+def descriptor_methods(service: Any) -> list[Method]:
+    return [Method(service.full_name, m.name, m.client_streaming, m.server_streaming) for m in service.methods]
+
+
+def test_every_internal_grpc_method_needs_the_cluster_token(stack: Stack) -> None:  # S6, internal services
+    worker_service = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
+    registry_service = cluster_pb2.DESCRIPTOR.services_by_name["Registry"]
+    assert len(stack.workers) >= 4, stack.workers  # the demo: two groups of EP=2
+    bad = {
+        "missing": (),
+        "wrong": ((cluster_token.METADATA_KEY, secrets.token_urlsafe(32)),),
+        "prefix": ((cluster_token.METADATA_KEY, CLUSTER_TOKEN[:-1]),),
+        "as-bearer-key": (("authorization", f"Bearer {CLUSTER_TOKEN}"),),
+    }
+    good = ((cluster_token.METADATA_KEY, CLUSTER_TOKEN),)
+    targets = [(stack.registry, registry_service), *((address, worker_service) for address in stack.workers.values())]
+    for target, service in targets:
+        with grpc.insecure_channel(target) as channel:
+            methods = descriptor_methods(service)
+            if service is worker_service:  # the descriptor lists what the rank serves (its own reflection)
+                served = {m.path for m in served_methods(channel) if m.service == service.full_name}
+                assert served == {m.path for m in methods}, (target, served)
+            for method in methods:
+                for label, metadata in bad.items():
+                    status = call_status(channel, method, metadata)
+                    assert status == grpc.StatusCode.UNAUTHENTICATED, (target, method.path, label, status)
+                status = call_status(channel, method, good)
+                assert status != grpc.StatusCode.UNAUTHENTICATED, (target, method.path, status)
+            check = Method("grpc.health.v1.Health", "Check", False, False)
+            assert call_status(channel, check, ()) == grpc.StatusCode.OK, target
+    # the router and the ranks reach each other with it: a request still runs end to end
+    answer = httpx.post(
+        f"{stack.serving.url}/v1/completions",
+        json={"prompt": "hello", "max_tokens": 2},
+        headers={"authorization": f"Bearer {KEY_A}"},
+        timeout=60.0,
+    )
+    assert answer.status_code == 200, answer.text
 
 
 # -- 19: prefix-cache isolation -------------------------------------------------------------------

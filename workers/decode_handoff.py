@@ -44,6 +44,7 @@ from typing import Any
 import grpc
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto.cluster_token import authorized
 from k2serve.workers.engine import Engine, RequestOutput
 from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.handoff_queue import HandoffAborted, HandoffQueue, HandoffTimeout
@@ -73,6 +74,7 @@ class DecodeHandoff:
         wait_s: float,
         channel_options: Sequence[tuple[str, Any]] = (),
         poll_s: float = 0.05,
+        cluster_token: str | None = None,
     ) -> None:
         if wait_s < 0:
             raise ValueError(f"handoff_wait_s: must be >= 0, got {wait_s}")
@@ -84,6 +86,7 @@ class DecodeHandoff:
         self.transfer_timeout_s = transfer_timeout_s
         self.wait_s = wait_s
         self._channel_options = list(channel_options)
+        self._cluster_token = cluster_token
         self.queue = HandoffQueue(poll_s)
         self._undoing: set[asyncio.Task[None]] = set()  # reservations made for callers that left meanwhile
         self._decoding: set[str] = set()  # request ids of the Decode calls running here
@@ -169,7 +172,7 @@ class DecodeHandoff:
         needed = -(-handle.num_tokens // self.engine.config.block_size)
         try:
             async with grpc.aio.insecure_channel(handle.prefill_address, options=self._channel_options) as channel:
-                stub = worker_pb2_grpc.WorkerStub(channel)
+                stub = authorized(worker_pb2_grpc.WorkerStub(channel), self._cluster_token)
                 heartbeat = LeaseHeartbeat(stub, handle)
                 heartbeat.start()
                 blocks: list[int] | None = None
@@ -299,7 +302,12 @@ class DecodeHandoff:
     ) -> KvReceiver:
         if handle.transport == "grpc":
             return GrpcKvReceiver(
-                handle.prefill_address, handle.lease_id, sink, self.transfer_timeout_s, handle.checksum
+                handle.prefill_address,
+                handle.lease_id,
+                sink,
+                self.transfer_timeout_s,
+                handle.checksum,
+                cluster_token=self._cluster_token,
             )
         client = self._p2p_client()
         if client is None:

@@ -32,11 +32,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto.cluster_token import authorized
 from k2serve.workers.kv_lease import new_lease_id
 from k2serve.workers.kv_progress import LayerProgress, ProgressKvSource
 from k2serve.workers.kv_transfer import KvTransfer, SendFault
@@ -85,6 +87,7 @@ class KvPusher:
         next_fault: Callable[[], SendFault],
         on_sender_done: Callable[[KvTransfer], None],
         channel_options: Sequence[tuple[str, object]] = (),
+        cluster_token: str | None = None,
     ) -> None:
         self._server = server
         self._kv_cache = list(kv_cache)
@@ -93,7 +96,8 @@ class KvPusher:
         self._next_fault = next_fault
         self._on_sender_done = on_sender_done
         self._channel_options = list(channel_options)
-        self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}  # LRU order
+        self._cluster_token = cluster_token
+        self._stubs: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # LRU order: (channel, its authorized stub)
         self._closing: set[asyncio.Task[None]] = set()
 
     def prepare(
@@ -146,7 +150,7 @@ class KvPusher:
             )
             push.cancel(f"decode rank {push.target.worker_id} did not take the push: {reason}")
 
-    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+    def _stub(self, address: str) -> Any:
         entry = self._stubs.pop(address, None)
         if entry is None:
             if len(self._stubs) >= MAX_CHANNELS:  # the least recently used goes
@@ -155,7 +159,7 @@ class KvPusher:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
             channel = grpc.aio.insecure_channel(address, options=self._channel_options)
-            entry = (channel, worker_pb2_grpc.WorkerStub(channel))
+            entry = (channel, authorized(worker_pb2_grpc.WorkerStub(channel), self._cluster_token))
         self._stubs[address] = entry  # last = most recently used
         return entry[1]
 

@@ -25,6 +25,7 @@ import grpc
 import torch
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto.cluster_token import authorized
 from k2serve.workers.kv_transfer import (
     DEFAULT_TIMEOUT_S,
     NO_FAULT,
@@ -95,10 +96,12 @@ class GrpcKvReceiver(KvReceiver):
         *,
         on_wire: WireTap | None = None,
         autostart: bool = True,
+        cluster_token: str | None = None,
     ) -> None:
         super().__init__("grpc-receiver", lease_id, sink.layout, timeout_s)
         self._target, self._lease_id, self._sink = target, lease_id, sink
         self._checksum, self._on_wire = checksum, on_wire
+        self._cluster_token = cluster_token  # for a channel of its own (a ``host:port`` target)
         self._call: Any = None  # the PullKv call, for cancel()
         if autostart:
             self.start()
@@ -109,7 +112,7 @@ class GrpcKvReceiver(KvReceiver):
         if isinstance(self._target, str):
             options = [("grpc.max_receive_message_length", _CHANNEL_MAX_MESSAGE)]
             channel = grpc.insecure_channel(self._target, options=options)
-            stub: Any = worker_pb2_grpc.WorkerStub(channel)
+            stub: Any = authorized(worker_pb2_grpc.WorkerStub(channel), self._cluster_token)
         else:
             stub = self._target()
         where = "opening PullKv"

@@ -93,6 +93,7 @@ class PrefillHandoff:
             next_fault=self.faults.next_kv_send,
             on_sender_done=self._count_sent,
             channel_options=self._channel_options,
+            cluster_token=o.cluster_token,
         )
 
     @property

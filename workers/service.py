@@ -52,6 +52,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from k2serve.proto import worker_pb2, worker_pb2_grpc
+from k2serve.proto.cluster_token import token_interceptor
 from k2serve.workers.decode_handoff import DecodeHandoff
 from k2serve.workers.engine import Engine
 from k2serve.workers.engine_loop import EngineLoop
@@ -109,6 +110,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             transfer_timeout_s=options.transfer_timeout_s,
             wait_s=options.handoff_wait_s,
             channel_options=_CHANNEL_OPTIONS,
+            cluster_token=options.cluster_token,
         )
         self.metrics_endpoint: MetricsEndpoint | None = None
 
@@ -122,7 +124,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             self.prefill_handoff.start()
         if options.role in ("decode", "mixed"):
             self._p2p_client = P2pKvClient(options.worker_id, options.transfer_timeout_s, lanes=options.kv_lanes)
-        server = grpc.aio.server(options=_CHANNEL_OPTIONS)
+        server = grpc.aio.server(options=_CHANNEL_OPTIONS, interceptors=token_interceptor(options.cluster_token))
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

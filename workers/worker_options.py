@@ -1,5 +1,5 @@
 """``WorkerOptions``: how one rank's Worker service runs (its role, interface, KV transfer and lease
-settings, metrics, test-only faults). The controller builds them from the cluster YAML
+settings, metrics, the cluster token, test-only faults). The controller builds them from the cluster YAML
 (``cluster/rank_plan.py``); ``WorkerServer`` and its two handoff sides read them.
 
 Lifecycle: an immutable value, validated on construction (``ValueError`` naming the field).
@@ -34,6 +34,9 @@ class WorkerOptions:
     metrics_port: int | None = None  # serve /metrics over HTTP on host (0 = any free port); None = no endpoint
     max_step_failures: int = 3  # failed engine steps in a row after which the engine is dead (NOT_SERVING)
     faults: FaultPlan = field(default_factory=FaultPlan)  # test-only fault hooks (K2SERVE_FAULTS via the actor)
+    # the shared secret of the cluster's internal calls (``proto/cluster_token.py``): this rank's server
+    # requires it and its calls to other ranks carry it; None = no check (a rank started on its own)
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "mixed"):

@@ -84,6 +84,21 @@ Secret with the Ray auth token: the given existing one, or the one the chart cre
 {{- .Values.rayAuth.existingSecret | default (printf "%s-ray-token" (include "k2serve.fullname" .)) }}
 {{- end }}
 
+{{- define "k2serve.clusterTokenSecretName" -}}
+{{- .Values.clusterToken.existingSecret | default (printf "%s-cluster-token" (include "k2serve.fullname" .)) }}
+{{- end }}
+
+{{/*
+K2SERVE_CLUSTER_TOKEN: the head and the routers (the ranks get it from the controller).
+*/}}
+{{- define "k2serve.clusterTokenEnv" -}}
+- name: K2SERVE_CLUSTER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "k2serve.clusterTokenSecretName" . }}
+      key: {{ .Values.clusterToken.secretKey }}
+{{- end }}
+
 {{/*
 Names derived from the full name.
 */}}
