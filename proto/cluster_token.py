@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -71,12 +71,28 @@ def authorized(stub: Any, token: str | None) -> Any:
 
 def token_interceptor(token: str | None) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors of a server that checks ``token`` (none when ``token`` is None)."""
-    return [] if token is None else [_TokenInterceptor(token)]
+    if token is None:
+        return []
+    expected = token.encode()
+
+    def carries_token(headers: Mapping[str, str]) -> bool:
+        return hmac.compare_digest(headers.get(METADATA_KEY, "").encode(), expected)
+
+    return [MetadataGuard(carries_token, UNAUTHENTICATED_MESSAGE)]
 
 
-class _TokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
+def metadata_dict(metadata: Sequence[tuple[str, Any]] | None) -> dict[str, str]:
+    """Text metadata with lower-case keys (binary ``-bin`` values are left out)."""
+    return {key.lower(): value for key, value in metadata or () if isinstance(value, str)}
+
+
+class MetadataGuard(grpc.aio.ServerInterceptor):
+    """Ends every call whose metadata ``accepts`` refuses with UNAUTHENTICATED and ``message``, before any
+    servicer code runs; health and reflection always pass (shared by this token and the router's API
+    keys)."""
+
+    def __init__(self, accepts: Callable[[Mapping[str, str]], bool], message: str) -> None:
+        self._accepts, self._message = accepts, message
 
     async def intercept_service(
         self,
@@ -85,15 +101,11 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         method: str = getattr(handler_call_details, "method", "") or ""
         handler = await continuation(handler_call_details)
-        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES) or self._carries_token(handler_call_details):
+        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
             return handler  # None: an unknown method (UNIMPLEMENTED) reveals nothing
-        return denied_handler(handler, UNAUTHENTICATED_MESSAGE)
-
-    def _carries_token(self, details: grpc.HandlerCallDetails) -> bool:
-        for key, value in getattr(details, "invocation_metadata", None) or ():
-            if key.lower() == METADATA_KEY and isinstance(value, str):
-                return hmac.compare_digest(value.encode(), self._token)
-        return False
+        if self._accepts(metadata_dict(getattr(handler_call_details, "invocation_metadata", None))):
+            return handler
+        return denied_handler(handler, self._message)
 
 
 def denied_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -12,40 +12,18 @@ from the router's ``ApiKeys``; per call it looks at the method and the metadata 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import grpc
 
-from k2serve.proto.cluster_token import PUBLIC_METHOD_PREFIXES, denied_handler
+from k2serve.proto.cluster_token import MetadataGuard
 from k2serve.router.api_keys import ApiKeys
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required (`authorization: Bearer <key>` or `x-api-key: <key>` metadata)"
 
 
-def metadata_dict(metadata: Sequence[tuple[str, Any]] | None) -> dict[str, str]:
-    """Text metadata with lower-case keys (binary ``-bin`` values are left out)."""
-    return {key.lower(): value for key, value in metadata or () if isinstance(value, str)}
-
-
 def auth_interceptor(keys: ApiKeys) -> grpc.aio.ServerInterceptor:
-    return _AuthInterceptor(keys)
+    def accepts(headers: Mapping[str, str]) -> bool:
+        return not keys.enabled or keys.tenant_of_headers(headers) is not None
 
-
-class _AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: ApiKeys) -> None:
-        self._keys = keys
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method: str = getattr(handler_call_details, "method", "") or ""
-        if not self._keys.enabled or method.startswith(PUBLIC_METHOD_PREFIXES):
-            return await continuation(handler_call_details)
-        headers: Mapping[str, str] = metadata_dict(getattr(handler_call_details, "invocation_metadata", None))
-        handler = await continuation(handler_call_details)
-        if handler is None or self._keys.tenant_of_headers(headers) is not None:
-            return handler  # None: an unknown method (UNIMPLEMENTED) reveals nothing
-        return denied_handler(handler, UNAUTHENTICATED_MESSAGE)
+    return MetadataGuard(accepts, UNAUTHENTICATED_MESSAGE)

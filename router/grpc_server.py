@@ -38,13 +38,14 @@ from typing import Any, NoReturn
 import grpc
 
 from k2serve.proto import serving_pb2, serving_pb2_grpc
+from k2serve.proto.cluster_token import metadata_dict
 from k2serve.router.api_error import ApiError, ErrorKind, invalid
 from k2serve.router.api_keys import ApiKeys
 from k2serve.router.chat_request import chat_generation, resolve_tool_choice
 from k2serve.router.frontend import Frontend
 from k2serve.router.generation_event import ChoiceFinished, GenerationEvent
 from k2serve.router.generation_request import GenerationRequest, Routing
-from k2serve.router.grpc_auth import UNAUTHENTICATED_MESSAGE, auth_interceptor, metadata_dict
+from k2serve.router.grpc_auth import UNAUTHENTICATED_MESSAGE, auth_interceptor
 from k2serve.router.grpc_messages import (
     chat_messages,
     chat_tools,

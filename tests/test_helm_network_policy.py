@@ -26,7 +26,7 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import pytest
-import yaml
+from test_helm_autoscaler import docs_of
 from test_helm_chart import CASES, KUBE_VERSION, NAMESPACE, RELEASE, case_values, chart, render
 
 Doc = dict[str, Any]
@@ -144,14 +144,6 @@ def ingress_allowed(policies: list[Doc], src: Pod, dst: Pod, port: int, protocol
 
 
 # ---- the rendered pods and policies -------------------------------------------------------------------
-
-
-def docs_of(values: dict[str, Any]) -> list[Doc]:
-    out: list[Doc] = []
-    for path, text in sorted(render(values).items()):
-        if not path.endswith("NOTES.txt"):
-            out.extend(doc for doc in yaml.safe_load_all(text) if doc is not None)
-    return out
 
 
 def network_policies(docs: list[Doc]) -> list[Doc]:
