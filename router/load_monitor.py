@@ -13,7 +13,6 @@ stops being polled at the next round and its report is dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -78,11 +77,12 @@ class LoadMonitor:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="load-monitor")
 
     async def stop(self) -> None:
+        """Cancel the polling task and wait for it to end. A cancel of the caller itself propagates
+        (``gather`` passes it on, where ``suppress(CancelledError)`` would swallow it)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.gather(task, return_exceptions=True)
 
     def latest(self, worker_id: str) -> LoadReport | None:
         """The worker's last report, None when there is none or it is stale."""

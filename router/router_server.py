@@ -343,9 +343,8 @@ class RouterServer:
         if self._http is not None:
             self._http.should_exit = True
         if self._http_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                async with asyncio.timeout(CLOSE_GRACE_S + 1.0):
-                    await asyncio.shield(self._http_task)
+            # wait() neither raises the task's outcome nor swallows a cancel of the caller
+            await asyncio.wait({self._http_task}, timeout=CLOSE_GRACE_S + 1.0)
             if not self._http_task.done():  # uvicorn's own bound did not hold: stop waiting for it
                 self._http.force_exit = True  # type: ignore[union-attr]
                 self._http_task.cancel()

@@ -116,3 +116,34 @@ def test_every_internal_stub_carries_the_cluster_token() -> None:
         for line in _bare_internal_stubs(path.read_text())
     ]
     assert found == [], "wrap with authorized(stub, cluster_token): " + ", ".join(found)
+
+
+def _swallowed_cancels(source: str) -> list[int]:
+    """Lines of ``contextlib.suppress(...)`` that name ``CancelledError`` (however imported)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name == "suppress" and any(
+                (arg.attr if isinstance(arg, ast.Attribute) else getattr(arg, "id", "")) == "CancelledError"
+                for arg in node.args
+            ):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_package_never_suppresses_a_cancel() -> None:
+    """``with suppress(CancelledError): await task`` also swallows a cancel of the awaiting task
+    itself: its caller's ``task.cancel()`` or ``asyncio.timeout`` then has no effect. Wait with
+    ``asyncio.gather(task, return_exceptions=True)`` or ``asyncio.wait`` instead."""
+    assert _swallowed_cancels("with contextlib.suppress(asyncio.CancelledError, Exception):\n    pass\n") == [1]
+    assert _swallowed_cancels("with suppress(CancelledError):\n    pass\n") == [1]
+    assert _swallowed_cancels("with suppress(TimeoutError):\n    pass\n") == []
+    sources = [ROOT / "k2serve", *(ROOT / folder for folder in SUBPACKAGES)]
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for folder in sources
+        for path in sorted(folder.rglob("*.py"))
+        for line in _swallowed_cancels(path.read_text())
+    ]
+    assert found == [], "a suppressed CancelledError swallows the caller's cancel: " + ", ".join(found)

@@ -280,3 +280,46 @@ def test_every_pick_names_its_reason() -> None:
     loaded = [_w(w.worker_id, 9 if w.worker_id == home else 0) for w in workers]
     spilled = choose(auto, "mixed", loaded, session_key="k")
     assert spilled.reason == "spill" and spilled.worker_id != home
+
+
+class _SlowToStop(_FakeWorker):
+    """A ``GetLoad`` that hangs, and when cancelled takes ``cleanup_s`` to let go."""
+
+    def __init__(self, cleanup_s: float) -> None:
+        super().__init__("slow")
+        self.cleanup_s, self.entered = cleanup_s, asyncio.Event()
+
+    async def get_load(self, timeout_s: float) -> worker_pb2.Load:
+        self.entered.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(self.cleanup_s)
+        raise AssertionError("unreachable")
+
+
+def test_load_monitor_stop_passes_a_cancel_of_its_caller_on() -> None:
+    """``stop()`` waits for the polling task; a cancel of whoever awaits ``stop()`` meanwhile must
+    reach that caller (it was swallowed with the task's own CancelledError)."""
+
+    async def body() -> None:
+        worker = _SlowToStop(cleanup_s=0.3)
+        monitor = LoadMonitor(lambda: [worker], interval_s=0.01, timeout_s=30)
+        monitor.start()
+        async with asyncio.timeout(5):
+            await worker.entered.wait()
+        stopper = asyncio.create_task(monitor.stop())
+        await asyncio.sleep(0.05)  # stop() now waits for the poll's cleanup
+        stopper.cancel()
+        await asyncio.wait({stopper}, timeout=5)
+        assert stopper.cancelled()
+
+        quiet = _SlowToStop(cleanup_s=0.0)  # without a cancel of the caller, stop() returns normally
+        monitor = LoadMonitor(lambda: [quiet], interval_s=0.01, timeout_s=30)
+        monitor.start()
+        async with asyncio.timeout(5):
+            await quiet.entered.wait()
+        await monitor.stop()
+        assert not monitor.running
+
+    asyncio.run(body())

@@ -17,7 +17,6 @@ blocks one TTL after the last beat (plus its expiry period). A live but slow one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -55,9 +54,7 @@ class LeaseHeartbeat:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LeaseLostError, Exception):
-                await task
+            await _cancel(task)
 
     async def guard(self, work: Awaitable[T]) -> T:
         """``await work``, or ``LeaseLostError`` (with ``work`` cancelled) if the lease is lost first."""
@@ -106,7 +103,8 @@ class LeaseHeartbeat:
 
 
 async def _cancel(job: asyncio.Future[T]) -> None:
-    """Cancel ``job`` and wait until it has run its cleanup (its own outcome is dropped)."""
+    """Cancel ``job`` and wait until it has run its cleanup (its own outcome is dropped). A cancel of
+    the caller itself propagates: ``gather`` passes it on, where ``suppress(CancelledError)`` would
+    swallow it."""
     job.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await job
+    await asyncio.gather(job, return_exceptions=True)
