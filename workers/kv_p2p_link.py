@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from k2serve.workers import kv_segments
-from k2serve.workers.kv_pair_group import PairGroup, PairSlot, PointToPointBackend, connect_pair_group
+from k2serve.workers.kv_pair_group import PairGroup, PairSlot, PointToPointBackend, connect_pair_group, library_keys
 from k2serve.workers.kv_receive_fence import SCRATCH_TAG
 from k2serve.workers.kv_segments import Plan
 from k2serve.workers.kv_transfer import DTYPE_CODES, KvLayout, KvTransfer, TransferError, dtype_from_name
@@ -26,6 +26,7 @@ from k2serve.workers.transfer_threads import TransferThreads
 ACK_OK, ACK_CHECKSUM, ACK_FAILED = 0, 1, 2  # the acknowledgement's status
 SLICE_S = 0.05  # blocking waits (the offer, a source's ready) check cancel() this often
 JOIN_OK, JOIN_GONE, JOIN_LEFT = "join", "gone", "left"  # who claimed a new group's join key (see _join)
+PUSH_TIMEOUT_S = 5.0  # P2pKvClient.push: reaching the store for one message (a cancel's wake-up)
 JOIN_GRACE_S = 5.0  # a sender that is leaving still meets a receiver already in the rendezvous this long
 _JOIN_POLL_FIRST_S, _JOIN_POLL_MAX_S = 0.0002, 0.01
 _NCCL_POLL_S = 0.0001
@@ -66,6 +67,16 @@ def layout_from_json(value: list[Any]) -> KvLayout:
 
 def join_key(prefix: str) -> str:
     return f"{prefix}/join"
+
+
+def generation_keys(prefix: str, kind: str) -> tuple[str, ...]:
+    """Every store key pair group ``prefix`` leaves: its join key and the library's rendezvous keys."""
+    return (join_key(prefix), *library_keys(prefix, kind))
+
+
+def answer_key(transfer_id: str) -> str:
+    """The store queue the sender answers a receiver's offer on."""
+    return f"kv/x/{transfer_id}/answer"
 
 
 def runs_json(runs: kv_segments.Runs | None) -> list[int] | None:

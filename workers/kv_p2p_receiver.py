@@ -27,6 +27,7 @@ from k2serve.workers.kv_p2p_link import (
     P2pTransfer,
     Tags,
     TransferRejected,
+    answer_key,
     first_line,
     header_values,
     layout_json,
@@ -85,8 +86,8 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         """Pop the answer queue ``key`` (the lane's connection is this transfer's while it holds the
         lane) in one blocking wait up to the deadline: c10d logs a warning at every pop that times out,
         so no slices. ``cancel()`` ends the wait at once by pushing ``WAKE`` onto the queue from a
-        connection of its own. (When the answer and the wake-up cross, the wake-up stays in the store:
-        a few bytes under this transfer's own key.)"""
+        connection of its own. (When the answer and the wake-up cross, the wake-up stays in the queue
+        until the server's ``StoreSweep`` empties it: this transfer fails, so its sender hands it over.)"""
         with self._lock:
             self._answer_key = key
         try:
@@ -134,8 +135,8 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
             }
             slot.store.queue_push(OFFERS_KEY, json.dumps(offer))
             try:
-                answer_key = f"kv/x/{self.transfer_id}/answer"
-                answer = json.loads(self._await_answer(slot.store, answer_key, f"waiting for sender {sid} to answer"))
+                key = answer_key(self.transfer_id)
+                answer = json.loads(self._await_answer(slot.store, key, f"waiting for sender {sid} to answer"))
             except TransferError:
                 self._withdraw(slot.store)
                 raise

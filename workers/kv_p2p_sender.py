@@ -8,6 +8,7 @@ Lifecycle: built and started by ``P2pKvServer.start_send``; one transfer (``KvTr
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -20,12 +21,15 @@ from k2serve.workers.kv_p2p_link import (
     ACK_CHECKSUM,
     ACK_FAILED,
     ACK_OK,
+    PUSH_TIMEOUT_S,
     SLICE_S,
     STAGED_AHEAD,
     P2pTransfer,
     Tags,
     TransferRejected,
+    answer_key,
     first_line,
+    generation_keys,
     header_values,
     layout_from_json,
     recv_from,
@@ -35,10 +39,23 @@ from k2serve.workers.kv_p2p_link import (
 from k2serve.workers.kv_pages import PagedRows, paged_rows
 from k2serve.workers.kv_pair_group import MAX_LANES, PairGroup, backend_kind
 from k2serve.workers.kv_segments import Plan
-from k2serve.workers.kv_transfer import NO_FAULT, KvSender, KvSource, SendFault, TransferError, raw_bytes
+from k2serve.workers.kv_transfer import (
+    NO_FAULT,
+    KvSender,
+    KvSource,
+    SendFault,
+    TransferError,
+    TransferState,
+    raw_bytes,
+)
 
 if TYPE_CHECKING:
     from k2serve.workers.kv_transport_p2p import P2pKvServer
+
+logger = logging.getLogger(__name__)
+# A failed transfer's answer queue is swept this many timeouts (plus a wake-up push's bound) after the
+# sender ended: by then its receiver has given up and a cancel's wake-up has landed or failed.
+ANSWER_GRACE_TIMEOUTS = 2
 
 
 class P2pKvSender(P2pTransfer, KvSender):
@@ -56,11 +73,24 @@ class P2pKvSender(P2pTransfer, KvSender):
         self._server, self._receiver_id, self._source, self._checksum = server, receiver_id, source, checksum
         self._fault = fault
         self._threads = server.threads
+        self._answered = False  # an answer (or a rejection) is on the store for the receiver
+
+    def _main(self) -> None:
+        super()._main()  # the state is reported: what follows delays no one
+        try:
+            sweep = self._server.sweep
+            if self._answered and self.poll() is not TransferState.SUCCESS:
+                # the receiver may never pop it, or a cancel's wake-up crossed it (kv_store_sweep)
+                grace_s = ANSWER_GRACE_TIMEOUTS * self.timeout_s + PUSH_TIMEOUT_S
+                sweep.later([answer_key(self.transfer_id)], grace_s, queues=True)
+            sweep.run_due()
+        except Exception:  # never into the transport's thread
+            logger.exception("transfer %s: sweeping the transfer store failed", self.transfer_id)
 
     def _run(self) -> None:
         self._fault.wait(self)
         server, rid = self._server, self._receiver_id
-        answer_key = f"kv/x/{self.transfer_id}/answer"
+        key = answer_key(self.transfer_id)
         kind = backend_kind(self._source.device)
         offer_text = self._await_offer(f"waiting for receiver {rid} to join the transfer")
         offer, theirs, problem = self._read_offer(offer_text)
@@ -72,7 +102,8 @@ class P2pKvSender(P2pTransfer, KvSender):
             except Exception as exc:
                 problem = str(exc) if isinstance(exc, TransferError) else f"the source failed: {first_line(exc)}"
         if problem is not None:
-            server.store.queue_push(answer_key, json.dumps({"error": problem}))
+            server.store.queue_push(key, json.dumps({"error": problem}))
+            self._answered = True
             raise TransferRejected(problem)
         ours = kv_segments.advertised(pages.runs) if pages is not None else None
         plan = kv_segments.plan(ours, theirs, self.layout.num_tokens, self.layout.row_nbytes)
@@ -86,6 +117,9 @@ class P2pKvSender(P2pTransfer, KvSender):
             if fresh:
                 if slot.group is not None:
                     slot.drop(slot.group, "replaced")
+                if slot.generation > 0:  # no transfer is in its rendezvous: both sides hold this lane
+                    replaced = server.pair_prefix(rid, kind, lane, slot.generation)
+                    server.sweep.later(generation_keys(replaced, kind), self.timeout_s)
                 slot.generation += 1
                 group = PairGroup(server.pair_prefix(rid, kind, lane, slot.generation), kind)
                 slot.group = group
@@ -93,7 +127,8 @@ class P2pKvSender(P2pTransfer, KvSender):
             seq = group.next_seq
             group.next_seq += 1
             answer = {"prefix": group.prefix, "seq": seq, "runs": runs_json(ours)}
-            server.store.queue_push(answer_key, json.dumps(answer))
+            server.store.queue_push(key, json.dumps(answer))
+            self._answered = True
             self._group = group
             if fresh:
                 if slot.store is None:

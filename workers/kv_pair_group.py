@@ -165,6 +165,19 @@ def route_to(host: str) -> str:
         return str(probe.getsockname()[0])
 
 
+def _scope(prefix: str) -> str:
+    return prefix + "/"  # the group's keys: PrefixStore adds a "/" of its own
+
+
+def library_keys(prefix: str, kind: str) -> tuple[str, ...]:
+    """The store keys the library's rendezvous of group ``prefix`` writes, to delete once the group is
+    gone: for gloo, each rank's address under torch's per-device prefix "0" (one device). NCCL's are
+    not listed (not observable on this project's CPU machines), so they stay."""
+    if kind != "gloo":
+        return ()
+    return tuple(f"{_scope(prefix)}/0/{rank}" for rank in (0, 1))
+
+
 def connect_pair_group(
     store: dist.Store, prefix: str, rank: int, kind: str, interface_host: str, timeout_s: float
 ) -> PointToPointBackend:
@@ -172,7 +185,7 @@ def connect_pair_group(
     timeout = datetime.timedelta(seconds=timeout_s)
     if isinstance(store, dist.TCPStore):
         store.set_timeout(timeout)  # gloo's rendezvous waits on the store with the store's timeout
-    scoped = dist.PrefixStore(prefix + "/", store)
+    scoped = dist.PrefixStore(_scope(prefix), store)
     if kind == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout

@@ -64,6 +64,9 @@ offer reader holds one, the senders answer on the server's own store handle, and
 connection for its group's rendezvous and, on the receiver side, its offers and answers (a cancel's
 wake-up uses a short-lived one).
 Transfers run on threads the server and the client keep for the next one (``TransferThreads``).
+What transfers leave in the store (a failed transfer's answer queue, a replaced generation's
+rendezvous keys) the server's ``StoreSweep`` deletes once no transfer can read it (``kv_store_sweep``);
+each lane's newest generation keeps its few keys.
 
 Here: ``P2pKvServer`` and ``P2pKvClient``; the two sides of a transfer are ``kv_p2p_sender`` and
 ``kv_p2p_receiver``, what they share ``kv_p2p_link``.
@@ -78,7 +81,7 @@ import secrets
 import torch.distributed as dist
 
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY, OfferInbox
-from k2serve.workers.kv_p2p_link import TransferRejected, first_line
+from k2serve.workers.kv_p2p_link import PUSH_TIMEOUT_S, TransferRejected, first_line
 from k2serve.workers.kv_p2p_receiver import P2pKvReceiver
 from k2serve.workers.kv_p2p_sender import P2pKvSender
 from k2serve.workers.kv_pair_group import (
@@ -91,6 +94,7 @@ from k2serve.workers.kv_pair_group import (
     connect_pair_group,
     route_to,
 )
+from k2serve.workers.kv_store_sweep import StoreSweep
 from k2serve.workers.kv_transfer import (
     DEFAULT_TIMEOUT_S,
     NO_FAULT,
@@ -107,7 +111,6 @@ from k2serve.workers.parallel import Rendezvous, host_store
 from k2serve.workers.transfer_threads import TransferThreads
 
 logger = logging.getLogger(__name__)
-PUSH_TIMEOUT_S = 5.0  # P2pKvClient.push: reaching the store for one message
 
 __all__ = [
     "P2pKvClient",
@@ -141,6 +144,7 @@ class P2pKvServer:
             ttl_s=2 * timeout_s,
             name=f"kv-offers-{worker_id}",
         )
+        self.sweep = StoreSweep(self.store)  # what failed transfers and replaced groups leave in the store
         self._nonce = secrets.token_hex(4)  # a restarted server never reuses a prefix a client has cached
         self._lanes = LaneSets(MAX_LANES)  # every lane a receiver may name
 
