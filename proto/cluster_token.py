@@ -10,6 +10,11 @@ clients wrap their stubs with ``authorized(stub, token)``. ``None`` means no che
 (a component started on its own, as the unit tests do). The token travels as the metadata value
 ``x-k2serve-cluster-token``, compared in constant time; the gRPC health service and reflection stay
 open (probes and ``grpcurl`` need no secret, and they reveal nothing a caller could use).
+
+Rotation without refusing anyone: the value may list several tokens, comma-separated ("NEW,OLD").
+A process sends the first and accepts any of them. Restart the head with "NEW,OLD" (its ranks and
+registry then accept the routers that still send OLD), roll the routers to "NEW" (or "NEW,OLD"),
+and drop OLD at the head's next restart.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ METADATA_KEY = "x-k2serve-cluster-token"
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 UNAUTHENTICATED_MESSAGE = f"an internal k2serve service: calls need the cluster token (`{METADATA_KEY}` metadata)"
 MIN_LENGTH = 16
+SEPARATOR = ","  # between the tokens of a rotation: the first is sent, each is accepted
+MAX_TOKENS = 4
 
 
 def new_token() -> str:
@@ -35,15 +42,25 @@ def new_token() -> str:
 
 def checked_token(value: str | None, name: str = ENV_VAR) -> str | None:
     """``value`` if it can serve as the cluster token (``None`` or "" -> None); ValueError naming ``name``
-    otherwise: at least ``MIN_LENGTH`` characters of printable ASCII without spaces (what gRPC metadata
-    carries as is)."""
+    otherwise: 1 to ``MAX_TOKENS`` tokens separated by ``SEPARATOR``, each at least ``MIN_LENGTH``
+    characters of printable ASCII without spaces or commas (what gRPC metadata carries as is)."""
     if not value:
         return None
-    if len(value) < MIN_LENGTH or not all("!" <= ch <= "~" for ch in value):
-        raise ValueError(
-            f"{name}: the cluster token must be at least {MIN_LENGTH} printable ASCII characters without spaces"
-        )
+    tokens = value.split(SEPARATOR)
+    if len(tokens) > MAX_TOKENS:
+        raise ValueError(f"{name}: at most {MAX_TOKENS} comma-separated cluster tokens, got {len(tokens)}")
+    for i, token in enumerate(tokens):
+        if len(token) < MIN_LENGTH or not all("!" <= ch <= "~" for ch in token):
+            which = "the cluster token" if len(tokens) == 1 else f"cluster token {i + 1} of {len(tokens)}"
+            raise ValueError(
+                f"{name}: {which} must be at least {MIN_LENGTH} printable ASCII characters without spaces or commas"
+            )
     return value
+
+
+def sent_token(token: str) -> str:
+    """The token a process sends: the first of a rotation list."""
+    return token.split(SEPARATOR, 1)[0]
 
 
 class _Authorized:
@@ -66,17 +83,20 @@ class _Authorized:
 
 def authorized(stub: Any, token: str | None) -> Any:
     """``stub`` with the token on every call; ``stub`` itself when there is no token."""
-    return stub if token is None else _Authorized(stub, ((METADATA_KEY, token),))
+    return stub if token is None else _Authorized(stub, ((METADATA_KEY, sent_token(token)),))
 
 
 def token_interceptor(token: str | None) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors of a server that checks ``token`` (none when ``token`` is None)."""
+    """The interceptors of a server that checks ``token``, any token of a rotation list (none when
+    ``token`` is None)."""
     if token is None:
         return []
-    expected = token.encode()
+    accepted = [each.encode() for each in token.split(SEPARATOR)]
 
     def carries_token(headers: Mapping[str, str]) -> bool:
-        return hmac.compare_digest(headers.get(METADATA_KEY, "").encode(), expected)
+        given = headers.get(METADATA_KEY, "").encode()
+        # every one compared (no early exit): the time does not tell which one matched
+        return sum(hmac.compare_digest(given, each) for each in accepted) > 0
 
     return [MetadataGuard(carries_token, UNAUTHENTICATED_MESSAGE)]
 

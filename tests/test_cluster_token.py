@@ -114,11 +114,46 @@ def test_authorized_adds_the_token_to_every_call_and_keeps_the_callers_metadata(
 
 
 @pytest.mark.parametrize(
-    "value", ["short", "has a space in it ......", "non-ascii-token-é-123456", "tab\there-1234567890"]
+    "value",
+    [
+        "short",
+        "has a space in it ......",
+        "non-ascii-token-é-123456",
+        "tab\there-1234567890",
+        f"{TOKEN},short",  # each token of a rotation list is checked
+        f"{TOKEN},",
+        ",".join([TOKEN] * 5),  # at most MAX_TOKENS
+    ],
 )
 def test_a_token_that_grpc_metadata_cannot_carry_as_is_is_refused_with_the_variable_named(value: str) -> None:
     with pytest.raises(ValueError, match=cluster_token.ENV_VAR):
         cluster_token.checked_token(value)
+
+
+def test_a_rotation_list_sends_its_first_token_and_a_server_accepts_any_of_its_tokens() -> None:
+    """ "NEW,OLD" on the head: routers still on OLD and those already on NEW are served, others are not;
+    a process with "NEW,OLD" sends NEW, so a server that knows only OLD refuses it."""
+    new, old, other = (cluster_token.new_token() for _ in range(3))
+    assert cluster_token.checked_token(f"{new},{old}") == f"{new},{old}"
+    assert cluster_token.sent_token(f"{new},{old}") == new and cluster_token.sent_token(new) == new
+
+    async def body() -> None:
+        rotating, stale = await _registry(f"{new},{old}"), await _registry(old)
+        try:
+            for token in (new, old, f"{new},{old}", f"{old},{other}"):  # the first of a list is sent
+                assert len((await RegistryClient(rotating.address, cluster_token=token).list()).workers) == 1
+            for token in (other, f"{other},{new}", f"{new}{old}", None):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await RegistryClient(rotating.address, cluster_token=token).list(timeout_s=5.0)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await RegistryClient(stale.address, cluster_token=f"{new},{old}").list(timeout_s=5.0)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await rotating.stop(grace_s=0.1)
+            await stale.stop(grace_s=0.1)
+
+    asyncio.run(body())
 
 
 def test_the_entry_points_take_the_variable_else_make_one_except_for_a_head_without_a_router(
