@@ -11,6 +11,7 @@ import ast
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,18 @@ def test_mypy_reports_no_error(tmp_path: Path) -> None:
     )
 
 
+def _package_lines(find: Callable[[str], list[int]], skip: Callable[[Path], bool] = lambda path: False) -> list[str]:
+    """``path:line`` of every line ``find`` reports in the package's Python files (but ``skip``'s)."""
+    sources = [ROOT / "k2serve", *(ROOT / folder for folder in SUBPACKAGES)]
+    return [
+        f"{path.relative_to(ROOT)}:{line}"
+        for folder in sources
+        for path in sorted(folder.rglob("*.py"))
+        if not skip(path)
+        for line in find(path.read_text())
+    ]
+
+
 def _wait_for_calls(source: str) -> list[int]:
     """Lines of ``asyncio.wait_for`` (however imported) in ``source``."""
     lines = []
@@ -70,13 +83,7 @@ def test_the_package_never_bounds_a_wait_with_asyncio_wait_for() -> None:
     as the awaited work finishes: a client that left mid-stream then never stopped its request."""
     assert _wait_for_calls("import asyncio\nasync def f(x):\n    return await asyncio.wait_for(x, 1)\n") == [3]
     assert _wait_for_calls("from asyncio import wait_for\n") == [1]
-    sources = [ROOT / "k2serve", *(ROOT / folder for folder in SUBPACKAGES if folder != "proto")]
-    found = [
-        f"{path.relative_to(ROOT)}:{line}"
-        for folder in sources
-        for path in sorted(folder.rglob("*.py"))
-        for line in _wait_for_calls(path.read_text())
-    ]
+    found = _package_lines(_wait_for_calls, skip=lambda path: path.parts[len(ROOT.parts)] == "proto")
     assert found == [], "use `async with asyncio.timeout(...)` instead: " + ", ".join(found)
 
 
@@ -107,14 +114,7 @@ def test_every_internal_stub_carries_the_cluster_token() -> None:
     goes through ``proto.cluster_token.authorized`` (which adds it, or nothing when there is none)."""
     assert _bare_internal_stubs("s = pb.WorkerStub(ch)\nt = authorized(pb.RegistryStub(ch), tok)\n") == [1]
     assert _bare_internal_stubs("s = authorized(WorkerStub(ch), None)\n") == []
-    sources = [ROOT / "k2serve", *(ROOT / folder for folder in SUBPACKAGES)]
-    found = [
-        f"{path.relative_to(ROOT)}:{line}"
-        for folder in sources
-        for path in sorted(folder.rglob("*.py"))
-        if not path.name.endswith("_pb2_grpc.py")
-        for line in _bare_internal_stubs(path.read_text())
-    ]
+    found = _package_lines(_bare_internal_stubs, skip=lambda path: path.name.endswith("_pb2_grpc.py"))
     assert found == [], "wrap with authorized(stub, cluster_token): " + ", ".join(found)
 
 
@@ -139,11 +139,5 @@ def test_the_package_never_suppresses_a_cancel() -> None:
     assert _swallowed_cancels("with contextlib.suppress(asyncio.CancelledError, Exception):\n    pass\n") == [1]
     assert _swallowed_cancels("with suppress(CancelledError):\n    pass\n") == [1]
     assert _swallowed_cancels("with suppress(TimeoutError):\n    pass\n") == []
-    sources = [ROOT / "k2serve", *(ROOT / folder for folder in SUBPACKAGES)]
-    found = [
-        f"{path.relative_to(ROOT)}:{line}"
-        for folder in sources
-        for path in sorted(folder.rglob("*.py"))
-        for line in _swallowed_cancels(path.read_text())
-    ]
+    found = _package_lines(_swallowed_cancels)
     assert found == [], "a suppressed CancelledError swallows the caller's cancel: " + ", ".join(found)
