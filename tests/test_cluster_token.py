@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -32,16 +34,21 @@ def _record() -> WorkerRecord:
     return WorkerRecord("decode-g0-r0", "decode", "decode", 0, 0, 1, "127.0.0.1:7001", "ready")
 
 
-async def _registry(token: str | None) -> RegistryServer:
+@contextlib.asynccontextmanager
+async def _registry(token: str | None) -> AsyncIterator[RegistryServer]:
+    """A registry with one worker on the board, checking ``token``; stopped on the way out."""
     board = WorkerBoard()
     await board.publish([_record()])
-    return await RegistryServer.start(board, "127.0.0.1", 0, heartbeat_s=0.2, cluster_token=token)
+    server = await RegistryServer.start(board, "127.0.0.1", 0, heartbeat_s=0.2, cluster_token=token)
+    try:
+        yield server
+    finally:
+        await server.stop(grace_s=0.1)
 
 
 def test_the_registry_serves_only_callers_with_the_cluster_token() -> None:
     async def body() -> None:
-        server = await _registry(TOKEN)
-        try:
+        async with _registry(TOKEN) as server:
             listed = await RegistryClient(server.address, cluster_token=TOKEN).list()
             assert [w.worker_id for w in listed.workers] == ["decode-g0-r0"]
             watched = await anext(RegistryClient(server.address, cluster_token=TOKEN).watch())
@@ -58,36 +65,28 @@ def test_the_registry_serves_only_callers_with_the_cluster_token() -> None:
             async with grpc.aio.insecure_channel(server.address) as channel:  # health needs no token
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5.0)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        finally:
-            await server.stop(grace_s=0.1)
 
     asyncio.run(body())
 
 
 def test_a_registry_without_a_token_serves_everyone() -> None:
     async def body() -> None:
-        server = await _registry(None)
-        try:
+        async with _registry(None) as server:
             for token in (None, TOKEN):
                 assert len((await RegistryClient(server.address, cluster_token=token).list()).workers) == 1
-        finally:
-            await server.stop(grace_s=0.1)
 
     asyncio.run(body())
 
 
 def test_a_router_with_the_wrong_token_fails_its_first_load_at_once() -> None:
     async def body() -> None:
-        server = await _registry(TOKEN)
-        try:
+        async with _registry(TOKEN) as server:
             first, _ = registry_follower(server.address, ScrapeTargets(), "wrong-" + TOKEN, wait_s=30.0, retry_s=0.2)
             started = time.monotonic()
             with pytest.raises(RegistryUnavailableError, match=cluster_token.ENV_VAR):
                 async with asyncio.timeout(15.0):
                     await first(Dispatcher())
             assert time.monotonic() - started < 10.0  # not the 30 s bound of an unreachable registry
-        finally:
-            await server.stop(grace_s=0.1)
 
     asyncio.run(body())
 
@@ -138,8 +137,7 @@ def test_a_rotation_list_sends_its_first_token_and_a_server_accepts_any_of_its_t
     assert cluster_token.sent_token(f"{new},{old}") == new and cluster_token.sent_token(new) == new
 
     async def body() -> None:
-        rotating, stale = await _registry(f"{new},{old}"), await _registry(old)
-        try:
+        async with _registry(f"{new},{old}") as rotating, _registry(old) as stale:
             for token in (new, old, f"{new},{old}", f"{old},{other}"):  # the first of a list is sent
                 assert len((await RegistryClient(rotating.address, cluster_token=token).list()).workers) == 1
             for token in (other, f"{other},{new}", f"{new}{old}", None):
@@ -149,9 +147,6 @@ def test_a_rotation_list_sends_its_first_token_and_a_server_accepts_any_of_its_t
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await RegistryClient(stale.address, cluster_token=f"{new},{old}").list(timeout_s=5.0)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        finally:
-            await rotating.stop(grace_s=0.1)
-            await stale.stop(grace_s=0.1)
 
     asyncio.run(body())
 
