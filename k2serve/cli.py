@@ -230,6 +230,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     kernels.add_argument("--quick", action="store_true", help="a few cells only (a smoke run, not for the record)")
     kernels.add_argument("--warmup", type=int, default=5, help="warm-up calls per implementation (at least 5)")
     kernels.add_argument("--reps", type=int, default=30, help="timed repetitions per implementation (at least 30)")
+    kernels.add_argument(
+        "--sweep", action="store_true", help="time the kernels' tile configurations instead and name the fastest"
+    )
+    kernels.add_argument(
+        "--sweep-seconds", type=float, default=90.0, help="with --sweep: seconds of configurations per cell"
+    )
     kernels.set_defaults(func=_bench_kernels)
     from k2serve.bench_serve import add_bench_serve_parser  # light: option modules only
 

@@ -10,7 +10,9 @@ markers (docs/BENCHMARKS.md). Without CUDA it prints why and exits 1.
 Method (reference performance.md §9): ≥ 5 warm-ups and ≥ 30 timed repetitions per implementation,
 median with p10/p90, L2 flushed (a 256 MB write) before each timed call, eager launches on both
 sides (launch overhead included everywhere), correctness before timing (max relative error ≤ 1e-2
-for bf16 outputs, bit-exact for the cache write). Bandwidth = bytes the kernel must move at least
+for bf16 outputs, bit-exact for the cache write). The kernels under test are timed a second way,
+as one CUDA graph replayed (same flush, same count): the GPU time without Python and launch costs,
+what a decode step captured in a graph pays. The peers sync with the host and cannot be captured. Bandwidth = bytes the kernel must move at least
 (weights of the touched experts, scales, activations; KV rows of the context) ÷ median time.
 
 Shape grid (fixed before any measurement; K2: hidden 7168, moe_intermediate 2048, group 32, top-8,
@@ -50,6 +52,7 @@ SOFTMAX_SCALE = 0.1446796
 DTYPE = torch.bfloat16  # activations, scales and KV cache, as in the K2 Thinking checkpoint
 TOLERANCE = 1e-2
 FLUSH_BYTES = 256 * 2**20
+GRAPHED = ("triton",)  # implementations also timed as a replayed CUDA graph
 # The shape grid, fixed before measuring: (local experts, tokens, zipf routing), (sequences, context), rows.
 MOE_CELLS = (
     *((n, b, False) for n in (6, 12, 48) for b in (1, 8, 32, 128, 256)),
@@ -84,6 +87,22 @@ class Timer:
                 end.synchronize()
                 samples[name].append(start.elapsed_time(end))
         return {name: _summary(times) for name, times in samples.items()}
+
+    def graphed(self, fns: dict[str, Callable[[], object]]) -> dict[str, Callable[[], object]]:
+        """One CUDA graph per function (captured after two calls on a side stream); returns the replays."""
+        replays: dict[str, Callable[[], object]] = {}
+        for name, fn in fns.items():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            replays[name] = graph.replay
+        return replays
 
 
 def _summary(times: list[float]) -> Timing:
@@ -120,7 +139,7 @@ def _gemm_tflops(timer: Timer, device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------- MoE
 
 
-def _packed_experts(num_experts: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def packed_experts(num_experts: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Random packed INT4 experts at K2 shapes (every nibble value occurs) and bf16 scales ~ 1/(7.5·√K)."""
     out = []
     for rows, cols in ((2 * INTER, HIDDEN), (HIDDEN, INTER)):
@@ -184,14 +203,16 @@ def bench_moe(timer: Timer, device: torch.device, quick: bool) -> list[Row]:
         if num_experts not in experts:
             experts.clear()
             torch.cuda.empty_cache()
-            experts[num_experts] = _packed_experts(num_experts, device, gen)
+            experts[num_experts] = packed_experts(num_experts, device, gen)
         rows += _moe_cell(timer, experts[num_experts], num_tokens, zipf, gen, device)
     return rows
 
 
-def _moe_cell(
-    timer: Timer, w: tuple[torch.Tensor, ...], num_tokens: int, zipf: bool, gen: torch.Generator, device: torch.device
-) -> list[Row]:
+def moe_inputs(
+    w: tuple[torch.Tensor, ...], num_tokens: int, zipf: bool, gen: torch.Generator, device: torch.device
+) -> tuple[tuple[torch.Tensor, ...], list[int], float, float]:
+    """Seeded ``fused_moe_w4a16`` arguments for the experts ``w`` (``packed_experts``): (hidden, ids,
+    weights, *w), the touched experts, the least bytes a call moves and its FLOPs."""
     num_experts = w[0].shape[0]
     ids, weights = _routing(num_tokens, num_experts, zipf, gen, device)
     hidden = torch.randn(ids.shape[0], HIDDEN, generator=gen).to(device, DTYPE)  # one row per pair
@@ -199,8 +220,15 @@ def _moe_cell(
     per_expert = sum(t.numel() * t.element_size() for t in w) / num_experts
     moved = len(touched) * per_expert + 2 * hidden.numel() * hidden.element_size()
     flops = 6.0 * ids.numel() * HIDDEN * INTER
+    return (hidden, ids, weights, *w), touched, moved, flops
+
+
+def _moe_cell(
+    timer: Timer, w: tuple[torch.Tensor, ...], num_tokens: int, zipf: bool, gen: torch.Generator, device: torch.device
+) -> list[Row]:
+    (hidden, ids, weights, *_), touched, moved, flops = moe_inputs(w, num_tokens, zipf, gen, device)
     routing = "zipf" if zipf else "uniform"
-    shape = f"n={num_experts} B={num_tokens} pairs={ids.numel()} {routing} touched={len(touched)}"
+    shape = f"n={w[0].shape[0]} B={num_tokens} pairs={ids.numel()} {routing} touched={len(touched)}"
     ref = fused_moe_w4a16_reference(hidden, ids, weights, *w)
     fns: dict[str, Callable[[], object]] = {
         "triton": lambda: fused_moe_w4a16(hidden, ids, weights, *w, impl="triton"),
@@ -240,20 +268,33 @@ def bench_mla(timer: Timer, device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
-def _mla_cell(timer: Timer, num_seqs: int, context: int, gen: torch.Generator, device: torch.device) -> list[Row]:
+MlaTensors = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]  # q_lat, q_pe, cache, tables, lens
+
+
+def mla_inputs(
+    num_seqs: int, context: int, gen: torch.Generator, device: torch.device
+) -> tuple[MlaTensors, float, float]:
+    """Seeded ``mla_decode`` tensors at K2 shapes (full contexts, shuffled pages; the softmax scale is
+    ``SOFTMAX_SCALE``), the least bytes a call moves, and its FLOPs."""
     blocks = num_seqs * context // PAGE
     cache = torch.randn(blocks, PAGE, RANK + ROPE, generator=gen, device=device).to(DTYPE)
     tables = torch.randperm(blocks, generator=gen, device=device).int().view(num_seqs, context // PAGE)
     seq_lens = torch.full((num_seqs,), context, dtype=torch.int32, device=device)
     q_lat = torch.randn(num_seqs, HEADS, RANK, generator=gen, device=device).to(DTYPE)
     q_pe = torch.randn(num_seqs, HEADS, ROPE, generator=gen, device=device).to(DTYPE)
-    args = (q_lat, q_pe, cache, tables, seq_lens, SOFTMAX_SCALE)
-    ref = mla_decode_reference(*args)
     moved = num_seqs * context * (RANK + ROPE) * 2 + num_seqs * HEADS * (2 * RANK + ROPE) * 2
     flops = 2.0 * num_seqs * context * HEADS * (RANK + ROPE + RANK)
+    return (q_lat, q_pe, cache, tables, seq_lens), moved, flops
+
+
+def _mla_cell(timer: Timer, num_seqs: int, context: int, gen: torch.Generator, device: torch.device) -> list[Row]:
+    tensors, moved, flops = mla_inputs(num_seqs, context, gen, device)
+    ref = mla_decode_reference(*tensors, SOFTMAX_SCALE)
     fns: dict[str, Callable[[], object]] = {
-        "triton": lambda: mla_decode(*args, impl="triton"),
-        "torch reference": lambda: mla_decode_reference(*args),
+        "triton": lambda: mla_decode(*tensors, SOFTMAX_SCALE, impl="triton"),
+        "torch reference": lambda: mla_decode_reference(*tensors, SOFTMAX_SCALE),
     }
     return _time_cell(timer, "mla_decode", f"B={num_seqs} L={context}", fns, ref, moved, flops, {})
 
@@ -276,13 +317,13 @@ def _kv_write_cell(timer: Timer, num_tokens: int, device: torch.device) -> list[
     shape = f"T={num_tokens}"
     if not torch.equal(ours.view(torch.int16), expected.view(torch.int16)):
         return [Row("kv_cache_write", shape, "triton", None, moved, 0.0, "NOT TIMED: not bit-exact")]
-    timings = timer.run(
-        {
-            "triton": lambda: kv_cache_write(cache, slots, new, impl="triton"),
-            "torch reference": lambda: kv_cache_write_reference(cache, slots, new),
-        }
-    )
-    return [Row("kv_cache_write", shape, name, t, moved, 0.0) for name, t in timings.items()]
+    fns: dict[str, Callable[[], object]] = {
+        "triton": lambda: kv_cache_write(cache, slots, new, impl="triton"),
+        "torch reference": lambda: kv_cache_write_reference(cache, slots, new),
+    }
+    timings = timer.run(fns)
+    graphs = timer.run(timer.graphed({name: fn for name, fn in fns.items() if name in GRAPHED}))
+    return [Row("kv_cache_write", shape, name, t, moved, 0.0, graph=graphs.get(name)) for name, t in timings.items()]
 
 
 def _time_cell(
@@ -309,7 +350,8 @@ def _time_cell(
         else:
             checked[name] = fn
     timings = timer.run(checked) if checked else {}
-    return [Row(kernel, shape, name, t, moved, flops) for name, t in timings.items()] + rows
+    graphs = timer.run(timer.graphed({name: fn for name, fn in checked.items() if name in GRAPHED}))
+    return [Row(kernel, shape, name, t, moved, flops, graph=graphs.get(name)) for name, t in timings.items()] + rows
 
 
 def run_bench_kernels(args: argparse.Namespace) -> int:
@@ -326,6 +368,8 @@ def run_bench_kernels(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     env_before = environment(device)
     timer = Timer(args.warmup, args.reps, device)
+    if getattr(args, "sweep", False):
+        return _run_sweep(timer, device, env_before, args)
     denominators = measure_denominators(timer, device)
     with torch.no_grad():
         rows = (
@@ -335,4 +379,20 @@ def run_bench_kernels(args: argparse.Namespace) -> int:
     print(table)
     if args.write:
         write_section(Path(args.write), table)
+    return 0
+
+
+def _run_sweep(timer: Timer, device: torch.device, env: str, args: argparse.Namespace) -> int:
+    from k2serve.kernels import bench_sweep
+
+    seconds = args.sweep_seconds
+    mla_cells = MLA_QUICK_CELLS if args.quick else bench_sweep.MLA_SWEEP_CELLS
+    moe_cells = bench_sweep.MOE_SWEEP_CELLS[:2] if args.quick else bench_sweep.MOE_SWEEP_CELLS
+    with torch.no_grad():
+        results = bench_sweep.sweep_mla(timer, device, mla_cells, bench_sweep.MLA_GRID, seconds)
+        results += bench_sweep.sweep_moe(timer, device, moe_cells, bench_sweep.MOE_TILES_NK, seconds)
+    table = bench_sweep.render_sweep(results, env, seconds)
+    print(table)
+    if args.write:
+        write_section(Path(args.write), table, name="kernel_sweep", heading="Kernel tile sweep")
     return 0

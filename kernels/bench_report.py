@@ -33,6 +33,7 @@ class Row:
     bytes_moved: float
     flops: float
     note: str = ""
+    graph: Timing | None = None  # the same call replayed as a CUDA graph (kernels under test only)
 
 
 @dataclass(frozen=True)
@@ -63,25 +64,31 @@ def render(
         f"Environment after: {env_after}.",
         f"Same-run denominators: device-to-device copy **{denominators.copy_gbs:.0f} GB/s** (read + write), "
         f"cuBLAS bf16 8192³ **{denominators.gemm_tflops:.0f} TFLOP/s**.",
-        f"Method: {args.warmup} warm-ups, {args.reps} interleaved repetitions, median (p10–p90), L2 flushed, eager. "
+        f"Method: {args.warmup} warm-ups, {args.reps} interleaved repetitions, median (p10–p90), L2 flushed, eager; "
+        "graph µs: the same call captured once as a CUDA graph and replayed (GPU time without Python and launches). "
         f"Rerun: `k2serve bench kernels{' --quick' if args.quick else ''} --write docs/BENCHMARKS.md`.",
         "",
-        "| kernel | shape | implementation | median µs | p10–p90 µs | min bytes (MB) | GB/s | of copy BW | TFLOP/s | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | shape | implementation | median µs | p10–p90 µs | min bytes (MB) | GB/s | of copy BW "
+        "| graph µs | graph of copy BW | TFLOP/s (graph where timed) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.timing is None:
             lines.append(
-                f"| {r.kernel} | {r.shape} | {r.impl} | – | – | {r.bytes_moved / 1e6:.1f} | – | – | – | {r.note} |"
+                f"| {r.kernel} | {r.shape} | {r.impl} | – | – | {r.bytes_moved / 1e6:.1f} | – | – | – | – | – | {r.note} |"
             )
             continue
-        seconds = r.timing.median_ms / 1e3
-        gbs = r.bytes_moved / seconds / 1e9
+        gbs = r.bytes_moved / (r.timing.median_ms / 1e3) / 1e9
+        graph, graph_share = "–", "–"
+        if r.graph is not None:
+            graph = f"{r.graph.median_ms * 1e3:.1f}"
+            graph_share = f"{r.bytes_moved / (r.graph.median_ms / 1e3) / 1e9 / denominators.copy_gbs:.2f}"
+        seconds = (r.graph or r.timing).median_ms / 1e3
         tflops = f"{r.flops / seconds / 1e12:.1f}" if r.flops else "–"
         lines.append(
             f"| {r.kernel} | {r.shape} | {r.impl} | {r.timing.median_ms * 1e3:.1f} | "
             f"{r.timing.p10_ms * 1e3:.1f}–{r.timing.p90_ms * 1e3:.1f} | {r.bytes_moved / 1e6:.1f} | {gbs:.0f} | "
-            f"{gbs / denominators.copy_gbs:.2f} | {tflops} | {r.note} |"
+            f"{gbs / denominators.copy_gbs:.2f} | {graph} | {graph_share} | {tflops} | {r.note} |"
         )
     return "\n".join(lines)
 

@@ -29,8 +29,10 @@ import triton.language as tl
 from k2serve.kernels.dispatch import Impl, use_triton
 
 LOG2E = 1.4426950408889634
-TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100; untuned until the GPU benchmark runs
+TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100
 MIN_KEYS_PER_SPLIT = 256
+DEFAULT_BLOCK_N, DEFAULT_NUM_WARPS, DEFAULT_NUM_STAGES = 64, 8, 3  # keys a step, warps, pipeline stages
+MAX_BLOCK_H = 64  # all 64 heads of a K2 rank in one program: each key tile is read once, not once per head group
 
 
 @triton.jit
@@ -150,8 +152,14 @@ def _mla_decode_reduce_kernel(  # type: ignore[no-untyped-def]  # Triton reads a
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
-def default_num_kv_splits(num_seqs: int, num_heads: int, max_context: int, block_h: int = 16) -> int:
+def default_block_h(num_heads: int) -> int:
+    """Heads per program: all of them up to 64 (``tl.dot`` needs at least 16 rows)."""
+    return min(MAX_BLOCK_H, max(16, triton.next_power_of_2(num_heads)))
+
+
+def default_num_kv_splits(num_seqs: int, num_heads: int, max_context: int, block_h: int | None = None) -> int:
     """Splits so that the grid fills the GPU about twice, each split at least 256 keys (host values only)."""
+    block_h = block_h or default_block_h(num_heads)
     programs = max(num_seqs * triton.cdiv(num_heads, block_h), 1)
     wanted = triton.cdiv(TARGET_PROGRAMS, programs)
     return max(1, min(wanted, triton.cdiv(max_context, MIN_KEYS_PER_SPLIT), 64))
@@ -168,14 +176,19 @@ def mla_decode(
     num_kv_splits: int | None = None,
     max_seq_len: int | None = None,
     impl: Impl = "auto",
-    block_h: int = 16,
-    block_n: int = 32,
+    block_h: int | None = None,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = DEFAULT_NUM_WARPS,
+    num_stages: int = DEFAULT_NUM_STAGES,
 ) -> torch.Tensor:
     """Absorbed MLA decode: q_latent [B, NH, R], q_pe [B, NH, Rp], kv_cache [NB, BS, R+Rp] (same dtype),
     block_tables [B, MB] int32/int64, seq_lens [B] int32/int64 -> latent output [B, NH, R] (q's dtype).
 
     ``max_seq_len``: an optional host-side bound on ``seq_lens`` (the caller's promise); it picks
     the default split count and trims the reference's gather. Without it the table width is used.
+    The tile defaults (all heads up to 64 per program, 64 keys a step, 8 warps, 3 stages) won the
+    H100 sweep of docs/BENCHMARKS.md (Kernels) on every cell of 32+ sequences or 32k+ keys by 2-3.7x
+    over 16 heads, 32 keys, 4 warps, 2 stages, with no register spills.
     """
     _check_mla(q_latent, q_pe, kv_cache, block_tables, seq_lens)
     if not use_triton(impl, _mla_decode_split_kernel, q_latent.device):
@@ -186,6 +199,7 @@ def mla_decode(
     rope = q_pe.shape[2]
     block_size = kv_cache.shape[1]
     context = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    block_h = block_h or default_block_h(num_heads)
     splits = num_kv_splits or default_num_kv_splits(num_seqs, num_heads, context, block_h)
     if not 1 <= splits <= 1024:
         raise ValueError(f"num_kv_splits must be in [1, 1024], got {splits}")
@@ -222,8 +236,8 @@ def mla_decode(
         BLOCK_R=block_r,
         BLOCK_P=block_p,
         DOT_PRECISION=precision,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _mla_decode_reduce_kernel[(num_heads, num_seqs)](
         part_out,

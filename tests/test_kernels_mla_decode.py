@@ -15,7 +15,13 @@ import pytest
 import torch
 from kernel_fixtures import TOLERANCE, kernel_device, relative_error
 
-from k2serve.kernels.mla_decode import _mla_decode_split_kernel, default_num_kv_splits, mla_decode, mla_decode_reference
+from k2serve.kernels.mla_decode import (
+    _mla_decode_split_kernel,
+    default_block_h,
+    default_num_kv_splits,
+    mla_decode,
+    mla_decode_reference,
+)
 
 DEVICE = kernel_device(_mla_decode_split_kernel)
 SCALE = 0.1446796  # K2 Thinking's YaRN softmax scale (reference kimi-k2.md §3.2)
@@ -116,8 +122,10 @@ def test_zero_length_sequence_gives_zeros() -> None:
 
 
 def test_default_split_count_is_bounded() -> None:
-    assert default_num_kv_splits(1, 64, 4096) == 16  # 4 head groups: 264 / 4 -> 66, capped by 4096 / 256
-    assert default_num_kv_splits(128, 64, 4096) == 1
+    assert default_block_h(64) == 64 and default_block_h(8) == 16 and default_block_h(128) == 64
+    assert default_num_kv_splits(1, 64, 4096) == 16  # one group of 64 heads: 264 splits, capped by 4096 / 256
+    assert default_num_kv_splits(128, 64, 4096) == 3  # 264 / 128 programs, rounded up
+    assert default_num_kv_splits(1, 64, 4096, block_h=16) == 16  # 4 head groups: 264 / 4 -> 66, capped
     assert 1 <= default_num_kv_splits(1, 64, 131072) <= 64
     assert default_num_kv_splits(1, 64, 10) == 1
 

@@ -86,15 +86,17 @@ def test_int4_format_needs_a_quantized_checkpoint(tiny: ModelConfig) -> None:
 
 
 def test_triton_attention_kernels_give_the_torch_decode_logits(tiny: ModelConfig, weights: dict) -> None:
+    """The torch attention on CPU against the Triton attention kernels (interpreted on CPU, or on the GPU)."""
     prompts = _prompts(tiny)
     logits = []
     for impl in ("auto", "triton"):
-        model = _model(tiny, weights["dense"], "dense", impl=impl)
-        cache = allocate_kv_cache(tiny, 16, 4, torch.float32, "cpu")
+        device = "cuda" if impl == "triton" and not is_interpreted(_moe_w4a16_gemm_kernel) else "cpu"
+        model = _model(tiny, weights["dense"], "dense", impl=impl).to(device)
+        cache = allocate_kv_cache(tiny, 16, 4, torch.float32, device)
         tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-        model(make_forward_batch(prompts, block_size=4, block_tables=tables), cache)
+        model(make_forward_batch(prompts, block_size=4, block_tables=tables, device=device), cache)
         step = make_forward_batch(
-            [[7], [8], [9]], block_size=4, context_lens=[len(p) for p in prompts], block_tables=tables
+            [[7], [8], [9]], block_size=4, context_lens=[len(p) for p in prompts], block_tables=tables, device=device
         )
-        logits.append(model(step, cache))
+        logits.append(model(step, cache).cpu())
     assert (logits[0] - logits[1]).abs().max().item() <= 1e-4

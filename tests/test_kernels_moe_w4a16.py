@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kernel_fixtures import TOLERANCE, kernel_device, relative_error
 
 from k2serve.kernels.moe_w4a16 import (
     MoeGemmConfig,
+    _dequantize_tile,
     _moe_w4a16_gemm_kernel,
     dequantize_int4_reference,
     fused_moe_w4a16,
@@ -23,6 +26,20 @@ from k2serve.workers.int4 import dequantize_int4, pack_int4, quantize_int4
 DEVICE = kernel_device(_moe_w4a16_gemm_kernel)
 GROUP = 32
 SMALL_TILES = MoeGemmConfig(block_m=16, block_n=16, block_k=32)  # several N tiles and K steps
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _dequantize_probe_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: only constexprs have one
+    w_ptr, s_ptr, out_ptr, dtype: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr
+):
+    # w [N, K/8] int32, s [N, K/G] -> out [K, N]: the tile the GEMM kernel feeds to tl.dot
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    words = tl.load(w_ptr + offs_n[None, :] * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)[:, None])
+    scales = tl.load(s_ptr + offs_n[None, :] * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)[:, None])
+    tile = _dequantize_tile(words, scales, dtype, BLOCK_K, BLOCK_N, GROUP)
+    tl.store(out_ptr + offs_k[:, None] * BLOCK_N + offs_n[None, :], tile)
 
 
 def _experts(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
@@ -45,6 +62,23 @@ def _routing(
     ids[torch.rand(num_tokens, top_k, generator=gen) < skip] = -1
     weights = torch.rand(num_tokens, top_k, generator=gen) * 2
     return ids.to(DEVICE), weights.to(DEVICE)
+
+
+# bf16 on the GPU only: the Triton interpreter casts fp32 to bf16 by truncation, not rounding.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_the_kernel_dequantizes_bit_for_bit_like_the_reference(dtype: torch.dtype) -> None:
+    """The tile the GEMM multiplies equals ``dequantize_int4_reference`` exactly: every nibble value,
+    scales over many binades, each activation dtype."""
+    block_n, block_k = 16, 128
+    gen = torch.Generator().manual_seed(12)
+    packed = torch.randint(-(2**31), 2**31 - 1, (block_n, block_k // 8), generator=gen, dtype=torch.int32)
+    binades = torch.randint(-20, 4, (block_n, block_k // GROUP), generator=gen).float().exp2()
+    scale = (torch.randn(block_n, block_k // GROUP, generator=gen) * binades).to(dtype)
+    out = torch.full((block_k, block_n), float("nan"), dtype=dtype, device=DEVICE)
+    _dequantize_probe_kernel[(1,)](packed.to(DEVICE), scale.to(DEVICE), out, TL_DTYPES[dtype], block_k, block_n, GROUP)
+    expected = dequantize_int4_reference(packed, scale, GROUP, dtype).t()  # [K, N]
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out.cpu().view(bits), expected.contiguous().view(bits))
 
 
 def _check(
