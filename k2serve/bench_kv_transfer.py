@@ -284,10 +284,10 @@ def _goal_line(results: list[Result]) -> str:
             parts.append(
                 f"A transfer's fixed cost, from the smallest case: {extra_ms:.2f} ms over the raw send at "
                 f"{smallest.case.layout.nbytes / 1e6:.1f} MB. It is the offer and the answer through the prefill "
-                "rank's TCPStore, the header and the acknowledgement, and the thread wake-ups of two processes on "
-                "two shared cores; the raw baseline is one message on a group formed beforehand, with none of "
+                f"rank's TCPStore, the header and the acknowledgement, and the thread wake-ups of two processes on "
+                f"{os.cpu_count()} cores; the raw baseline is one message on a group formed beforehand, with none of "
                 "these. It weighs most on the small transfers; with several in flight (the pair's lanes) it "
-                "overlaps other transfers' bytes, as far as two cores allow."
+                "overlaps other transfers' bytes, as far as the cores allow."
             )
             parts.append(_floor_text(missed))
     if shuffled:
