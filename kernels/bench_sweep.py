@@ -5,7 +5,7 @@ Lifecycle: one run on one CUDA device -> for each sweep cell: the bench's seeded
 reference -> the configurations of the cell's grid, the current default first, the rest in a fixed
 shuffled order: run one, check it against the reference (a configuration that fails or is wrong is
 reported, not timed), time it as a replayed CUDA graph -> a cell stops taking configurations after
-``seconds_per_cell`` -> a markdown table: per cell the default, the best three and best / default.
+``seconds`` (``--sweep-seconds``) -> a markdown table: per cell the default, the best three and best / default.
 
 The grids are the ones the H100 sweep of docs/BENCHMARKS.md ran: MLA decode heads per program ×
 keys per step × warps × pipeline stages; W4A16 MoE M × N × K tile × warps × stages, with the M tile
@@ -36,10 +36,9 @@ from k2serve.kernels.mla_decode import (
 )
 from k2serve.kernels.moe_w4a16 import MoeGemmConfig, default_config, fused_moe_w4a16, fused_moe_w4a16_reference
 
-MLA_GRID = tuple(itertools.product((16, 32, 64), (16, 32, 64), (4, 8), (1, 2, 3)))  # block_h, block_n, warps, stages
-MOE_TILES_NK = tuple(
-    itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4))
-)  # block_n, block_k, warps, stages
+# MLA: (block_h, block_n, warps, stages); MoE: (block_n, block_k, warps, stages), M tiles by moe_block_ms
+MLA_GRID = tuple(itertools.product((16, 32, 64), (16, 32, 64), (4, 8), (1, 2, 3)))
+MOE_TILES_NK = tuple(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4)))
 MLA_SWEEP_CELLS = bench.MLA_CELLS
 MOE_SWEEP_CELLS = ((6, 1), (48, 8), (48, 32), (12, 128), (48, 256), (6, 4096))  # (local experts, tokens)
 SHUFFLE_SEED = 0
@@ -67,6 +66,13 @@ def moe_block_ms(rows_per_expert: float) -> tuple[int, ...]:
     if rows_per_expert <= 16:
         return (16,)
     return (32, 64) if rows_per_expert <= 1024 else (64, 128)
+
+
+def _default_first(default: tuple[int, ...], grid: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The default, then the rest of the grid in a fixed shuffled order (a time cap cuts evenly)."""
+    rest = [cfg for cfg in grid if cfg != default]
+    random.Random(SHUFFLE_SEED).shuffle(rest)
+    return [default, *rest]
 
 
 def _mla_call(tensors: bench.MlaTensors, cfg: tuple[int, ...]) -> Callable[[], torch.Tensor]:
@@ -126,10 +132,9 @@ def sweep_mla(
         tensors, _, _ = bench.mla_inputs(num_seqs, context, gen, device)
         ref = mla_decode_reference(*tensors, bench.SOFTMAX_SCALE)
         default = (default_block_h(bench.HEADS), DEFAULT_BLOCK_N, DEFAULT_NUM_WARPS, DEFAULT_NUM_STAGES)
-        order = [cfg for cfg in grid if cfg != default]
-        random.Random(SHUFFLE_SEED).shuffle(order)
-
-        configs = [(f"h{c[0]} n{c[1]} w{c[2]} s{c[3]}", _mla_call(tensors, c)) for c in (default, *order)]
+        configs = [
+            (f"h{c[0]} n{c[1]} w{c[2]} s{c[3]}", _mla_call(tensors, c)) for c in _default_first(default, list(grid))
+        ]
         results.append(_sweep_cell(timer, "mla_decode", f"B={num_seqs} L={context}", configs, ref, seconds))
     return results
 
@@ -151,10 +156,10 @@ def sweep_moe(
         d = default_config(pairs, num_experts)
         default = (d.block_m, d.block_n, d.block_k, d.num_warps, d.num_stages)
         rows_per_expert = pairs / max(min(num_experts, pairs), 1)
-        order = [(m, *nk) for m in moe_block_ms(rows_per_expert) for nk in tiles_nk if (m, *nk) != default]
-        random.Random(SHUFFLE_SEED).shuffle(order)
-
-        configs = [(f"m{c[0]} n{c[1]} k{c[2]} w{c[3]} s{c[4]}", _moe_call(args, c)) for c in (default, *order)]
+        grid = [(m, *nk) for m in moe_block_ms(rows_per_expert) for nk in tiles_nk]
+        configs = [
+            (f"m{c[0]} n{c[1]} k{c[2]} w{c[3]} s{c[4]}", _moe_call(args, c)) for c in _default_first(default, grid)
+        ]
         cell = f"n={num_experts} B={num_tokens} pairs={pairs}"
         results.append(_sweep_cell(timer, "moe_w4a16", cell, configs, ref, seconds))
     return results
