@@ -322,7 +322,7 @@ def _kv_write_cell(timer: Timer, num_tokens: int, device: torch.device) -> list[
         "torch reference": lambda: kv_cache_write_reference(cache, slots, new),
     }
     timings = timer.run(fns)
-    graphs = timer.run(timer.graphed({name: fn for name, fn in fns.items() if name in GRAPHED}))
+    graphs = _graph_timings(timer, fns)
     return [Row("kv_cache_write", shape, name, t, moved, 0.0, graph=graphs.get(name)) for name, t in timings.items()]
 
 
@@ -350,8 +350,13 @@ def _time_cell(
         else:
             checked[name] = fn
     timings = timer.run(checked) if checked else {}
-    graphs = timer.run(timer.graphed({name: fn for name, fn in checked.items() if name in GRAPHED}))
+    graphs = _graph_timings(timer, checked)
     return [Row(kernel, shape, name, t, moved, flops, graph=graphs.get(name)) for name, t in timings.items()] + rows
+
+
+def _graph_timings(timer: Timer, fns: dict[str, Callable[[], object]]) -> dict[str, Timing]:
+    """The ``GRAPHED`` implementations among ``fns``, each timed as a replayed CUDA graph."""
+    return timer.run(timer.graphed({name: fn for name, fn in fns.items() if name in GRAPHED}))
 
 
 def run_bench_kernels(args: argparse.Namespace) -> int:
