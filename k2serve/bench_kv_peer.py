@@ -4,9 +4,9 @@ names.
 
 Lifecycle: started by the driver with the rendezvous of its ``P2pKvServer``, the address of its
 ``PullKv`` server and the raw baseline's store; reads one JSON command per line on stdin (``raw_join``,
-``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``floor`` with each request's first
-tag, ``raw`` with a tag, ``crc``,
-``quit``) and answers each with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
+``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``push`` with the transfer ids
+(starts the receivers and answers at once) then ``settle`` (waits for them), ``floor`` with each
+request's first tag and whether it offers, ``raw`` with a tag, ``crc``, ``quit``) and answers each with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from k2serve.bench_kv_case import HOST, RECEIVER, SENDER, Case, ReadyRows, paged_cache, rows_crc
-from k2serve.workers.kv_transfer import CacheKvSink, KvSink, TransferState
+from k2serve.workers.kv_transfer import CacheKvSink, KvReceiver, KvSink, TransferState
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver
 from k2serve.workers.kv_transport_p2p import P2pKvClient, PointToPointBackend, connect_pair_group
 from k2serve.workers.parallel import Rendezvous
@@ -35,6 +35,7 @@ def run_peer(args: argparse.Namespace) -> int:
     raw_buffer = torch.empty(0, dtype=torch.uint8)
     scratch = torch.empty(0)
     store: Any = None  # keeps the baseline group's store connection open
+    pushed: list[KvReceiver] = []  # started by "push", waited for by "settle"
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
@@ -64,13 +65,24 @@ def run_peer(args: argparse.Namespace) -> int:
                     receivers.append(GrpcKvReceiver(args.grpc, tid, sink, args.timeout))
             failed = [r.error for r in receivers if r.wait() is not TransferState.SUCCESS]
             reply = {"ok": not failed, "error": failed[0] if failed else None}
+        elif op == "push":  # start the receivers now; the rows come once the driver writes them ("settle")
+            assert case is not None
+            pushed = [
+                client.start_receive(tid, SENDER, args.rendezvous, CacheKvSink(cache, ids, case.num_tokens))
+                for tid, ids in zip(cmd["ids"], blocks, strict=True)
+            ]
+        elif op == "settle":
+            failed = [r.error for r in pushed if r.wait() is not TransferState.SUCCESS]
+            pushed = []
+            reply = {"ok": not failed, "error": failed[0] if failed else None}
         elif op == "floor":  # see the driver's ``floor``: every layer lands in one scratch tensor, unchecked
             assert raw is not None and case is not None
             ack = torch.ones(1, dtype=torch.int64)
             layers = []
             for base in cmd["tags"]:
                 layers += [raw.recv([scratch], 0, base + 1 + i) for i in range(case.num_layers)]
-                raw.send([ack], 0, base).wait()  # the offer
+                if cmd["offer"]:
+                    raw.send([ack], 0, base).wait()
             for work in layers:
                 work.wait()
             for base in cmd["tags"]:

@@ -5,7 +5,7 @@ answers ``PullKv`` and one fresh 2-rank gloo group for the raw baseline. It spaw
 (``python -m k2serve.bench_kv_peer``) and drives it with one JSON line per command
 on its stdin; the peer answers one JSON line on its stdout. For every model, prompt length and page
 layout both sides allocate a random paged cache and the requests' block ids; each method runs once to
-warm up (p2p and gRPC: then the peer's CRC32 of every request's received rows is checked against the
+warm up (push, p2p and gRPC: then the peer's CRC32 of every request's received rows is checked against the
 source), then ``--reps`` rounds time every method once each, in turn, so that a machine whose speed
 drifts (other jobs share it) weighs on all methods alike.
 
@@ -23,21 +23,27 @@ Page layouts (``--pages``, both by default):
 
 Methods:
 
-- ``p2p``: the default transport (``P2pKvServer`` / ``P2pKvClient``, gloo pair group, cached);
-- ``p2p-nocopy``: the same transport between a source that hands out ready rows and a sink that
-  drops them. That is the protocol's own cost, without the gather from and scatter into the pages;
+- ``push``: the default transport (``P2pKvServer`` / ``P2pKvClient``, gloo pair group, cached) as a
+  ``Prefill`` with ``push_to`` uses it (``kv_push``): the sender reads a ``ProgressKvSource`` whose
+  blocks are known but whose layers are not written, so the two sides meet (offer, answer, header)
+  first; then every layer is marked written at once and the clock runs until the peer has the rows (no
+  compute to overlap: the least a push hides);
+- ``p2p`` (the pull): the same transport started after the rows are written, offer and answer included;
+- ``p2p-nocopy``: the pull between a source that hands out ready rows and a sink that drops them. That
+  is the protocol's own cost, without the gather from and scatter into the pages;
 - ``grpc``: the ``PullKv`` stream (``kv_chunks`` / ``GrpcKvReceiver``);
 - ``floor``: about the least a pull transport that sends one message per layer pays here, on the
   baseline group: per request the peer posts one receive per layer, then sends a 1-value offer; this
   side waits for it and sends the layers (ready rows, no gather, no scatter: the peer receives them
   into one scratch tensor), then gets a 1-value acknowledgement. No threads, no store, no checks: it
   is what ``p2p-nocopy`` would cost with a handshake of one message and no Python around it;
+- ``floor-push``: the same without the offer: what one message per layer costs over one message;
 - ``raw``: one ``send`` of a [nbytes] uint8 tensor over the baseline group (all K requests' bytes in
   one message: the strongest baseline, with no per-message cost), then a 1-value acknowledgement back
   (the transports end with one too).
 
-Each repetition is timed on this side from writing the command to reading the peer's "done", so
-every method pays the same pipe round trip. GB/s = rows moved (num_layers × num_tokens × row_dim ×
+Each repetition is timed on this side from writing the command (push: ``settle``, written once the
+two sides have met) to reading the peer's "done", so every method pays the same pipe round trip. GB/s = rows moved (num_layers × num_tokens × row_dim ×
 dtype size × requests in flight) / median seconds; the ratios are against ``raw`` of the same case.
 Every timed transfer must end SUCCESS on both sides.
 """
@@ -65,11 +71,12 @@ from k2serve.bench_kv_case import HOST, PAGES, RECEIVER, SENDER, Case, ReadyRows
 from k2serve.kernels.bench_report import write_section
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.config import ModelConfig
-from k2serve.workers.kv_transfer import CacheKvSource, KvSource, TransferState
+from k2serve.workers.kv_progress import LayerProgress, ProgressKvSource
+from k2serve.workers.kv_transfer import CacheKvSource, KvSender, KvSource, TransferState
 from k2serve.workers.kv_transport_grpc import kv_chunks
 from k2serve.workers.kv_transport_p2p import P2pKvServer, PointToPointBackend, connect_pair_group
 
-METHODS = ("p2p", "p2p-nocopy", "grpc", "floor", "raw")
+METHODS = ("push", "p2p", "p2p-nocopy", "grpc", "floor", "floor-push", "raw")
 FLOOR_TAG_BASE = 1 << 20  # above the raw method's tags, on the same group
 
 
@@ -145,6 +152,30 @@ def measure(
             raise RuntimeError(f"{op} sender failed: {failed[0]}")
         return elapsed
 
+    def push(rep: int) -> float:
+        tids = ids("push", rep)
+        progresses = [LayerProgress(case.num_layers) for _ in range(case.in_flight)]
+        for progress, block_ids in zip(progresses, blocks, strict=True):
+            progress.begin(block_ids)  # the last forward began: the blocks are known, no row is written yet
+        peer.send(op="push", ids=tids)
+        senders = [
+            server.start_send(t, RECEIVER, ProgressKvSource(p, cache, case.num_tokens))
+            for t, p in zip(tids, progresses, strict=True)
+        ]
+        peer.reply()
+        _await_transferring(senders, args.timeout)
+        started = time.perf_counter()
+        peer.send(op="settle")
+        for progress in progresses:  # the whole prompt's rows written at once: nothing overlaps the sends
+            for layer in range(case.num_layers):
+                progress.layer_done(layer)
+        peer.reply()
+        elapsed = time.perf_counter() - started
+        failed = [s.error for s in senders if s.wait() is not TransferState.SUCCESS]
+        if failed:
+            raise RuntimeError(f"push sender failed: {failed[0]}")
+        return elapsed
+
     ready: list[KvSource] = [ReadyRows(case.layout)] * case.in_flight
 
     def p2p_nocopy(rep: int) -> float:
@@ -160,20 +191,24 @@ def measure(
     offers = [torch.zeros(1, dtype=torch.int64) for _ in range(case.in_flight)]
     acks = [torch.zeros(1, dtype=torch.int64) for _ in range(case.in_flight)]
 
-    def floor(rep: int) -> float:
-        bases = floor_tags(case, rep)
+    def floor(rep: int, offer: bool = True) -> float:
+        bases = floor_tags(case, rep, 0 if offer else 1)
         started = time.perf_counter()
-        peer.send(op="floor", tags=bases)
-        offered = [raw.recv([offer], 1, base) for offer, base in zip(offers, bases, strict=True)]
+        peer.send(op="floor", tags=bases, offer=offer)
+        offered = [raw.recv([o], 1, base) for o, base in zip(offers, bases, strict=True)] if offer else []
         acked = [raw.recv([ack], 1, base + case.num_layers + 1) for ack, base in zip(acks, bases, strict=True)]
         sent = []
-        for offer, base in zip(offered, bases, strict=True):
-            offer.wait()
+        for k, base in enumerate(bases):
+            if offer:
+                offered[k].wait()
             sent += [raw.send([rows], 1, base + 1 + i) for i in range(case.num_layers)]
         for work in sent + acked:
             work.wait()
         peer.reply()
         return time.perf_counter() - started
+
+    def floor_push(rep: int) -> float:
+        return floor(rep, offer=False)
 
     payload = torch.empty(case.nbytes, dtype=torch.uint8)  # every request in flight
     ack = torch.zeros(1, dtype=torch.int64)
@@ -190,15 +225,17 @@ def measure(
         return time.perf_counter() - started
 
     methods: dict[str, Callable[[int], float]] = {
+        "push": push,
         "p2p": p2p,
         "p2p-nocopy": p2p_nocopy,
         "grpc": grpc_pull,
         "floor": floor,
+        "floor-push": floor_push,
         "raw": raw_send,
     }
     for method, run_one in methods.items():
         run_one(-1)  # warm-up
-        if method in ("p2p", "grpc"):
+        if method in ("push", "p2p", "grpc"):
             peer.send(op="crc")  # the peer zeroes its cache after the check
             got = peer.reply()["crc"]
             if got != want_crc:
@@ -210,11 +247,25 @@ def measure(
     return Result(case, seconds)
 
 
-def floor_tags(case: Case, rep: int) -> list[int]:
-    """Per request in flight, the first of the ``floor`` method's tags in repetition ``rep`` (-1: the
-    warm-up): its offer; its layers and its acknowledgement follow."""
+def _await_transferring(senders: list[KvSender], timeout_s: float) -> None:
+    """Until every sender has its answer, its group and its header out (bounded by ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    for sender in senders:
+        while (state := sender.poll()) is TransferState.BOOTSTRAPPING:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"push: no handshake within {timeout_s:g}s")
+            time.sleep(0.0005)
+        if state is TransferState.FAILED:
+            raise RuntimeError(f"push sender failed before the rows were ready: {sender.error}")
+
+
+def floor_tags(case: Case, rep: int, variant: int = 0) -> list[int]:
+    """Per request in flight, the first of a floor method's tags in repetition ``rep`` (-1: the warm-up;
+    ``variant`` 0: ``floor``, 1: ``floor-push``): its offer (``floor`` only); its layers and its
+    acknowledgement follow."""
     stride = case.num_layers + 2
-    return [FLOOR_TAG_BASE + ((rep + 1) * case.in_flight + k) * stride for k in range(case.in_flight)]
+    first = ((rep + 1) * 2 + variant) * case.in_flight
+    return [FLOOR_TAG_BASE + (first + k) * stride for k in range(case.in_flight)]
 
 
 def _cases(args: argparse.Namespace) -> list[Case]:
@@ -253,90 +304,114 @@ def _pages(args: argparse.Namespace) -> tuple[str, ...]:
     return pages
 
 
-def _ratio(r: Result, method: str = "p2p") -> float:
+def _ratio(r: Result, method: str) -> float:
     return r.gbs(method) / r.gbs("raw")
 
 
-def _cases_text(results: list[Result]) -> str:
-    return ", ".join(f"{_label(r.case)} ({_ratio(r):.2f})" for r in results) or "none"
+def _cases_text(results: list[Result], method: str) -> str:
+    return ", ".join(f"{_label(r.case)} ({_ratio(r, method):.2f})" for r in results) or "none"
 
 
 def _label(case: Case) -> str:
     return f"{case.model} {case.num_tokens}" + (f" ×{case.in_flight}" if case.in_flight > 1 else "")
 
 
+# (method, its floor, what it is) for each way the p2p transport hands a request over
+_HANDOFFS = (
+    (
+        "push",
+        "floor-push",
+        "Push (the serving default, `kv_push: true`: the offer, the answer and the header go out while the "
+        "prefill's last forward runs, so only the rows and the acknowledgement come after it)",
+    ),
+    (
+        "p2p",
+        "floor",
+        "Pull (the fallback, for a refused push or `kv_push: false`: the offer and the answer come after the prefill)",
+    ),
+)
+
+
 def _goal_line(results: list[Result]) -> str:
     """What the table says about the goal, in words (every figure taken from ``results``)."""
-    parts = ["Goal: p2p ≥ 0.8 of the raw send."]
+    parts = [
+        "Goal: p2p ≥ 0.8 of the raw send, on contiguous pages (a fresh `BlockPool`'s ids, what a serving rank "
+        "gets; sent from and received into the pages, no gather, no scatter)."
+    ]
     contiguous = [r for r in results if r.case.pages == "contiguous"]
     shuffled = [r for r in results if r.case.pages == "shuffled"]
-    if contiguous:
-        met = [r for r in contiguous if _ratio(r) >= 0.8]
-        missed = [r for r in contiguous if _ratio(r) < 0.8]
+    for method, floor, name in _HANDOFFS if contiguous else ():
+        met = [r for r in contiguous if _ratio(r, method) >= 0.8]
+        missed = [r for r in contiguous if _ratio(r, method) < 0.8]
+        parts.append(f"{name}: met for {_cases_text(met, method)}; not met for {_cases_text(missed, method)}.")
+        parts.append(_floor_text(missed, floor))
+    single = [r for r in contiguous if r.case.in_flight == 1]
+    if single:
+        smallest = min(single, key=lambda r: r.case.layout.nbytes)
+        extra_ms = {
+            m: (statistics.median(smallest.seconds[m]) - statistics.median(smallest.seconds["raw"])) * 1e3
+            for m in ("push", "p2p")
+        }
         parts.append(
-            "Contiguous pages (a fresh `BlockPool`'s ids, what a serving rank gets; sent from and received into "
-            f"the pages, no gather, no scatter): met for {_cases_text(met)}; not met for {_cases_text(missed)}."
+            f"A transfer's fixed cost over the raw send, from the smallest case ({smallest.case.layout.nbytes / 1e6:.1f} "
+            f"MB): {extra_ms['push']:.2f} ms pushed, {extra_ms['p2p']:.2f} ms pulled. The push's is the messages "
+            "per layer, the acknowledgement and the wake-ups of the transfer threads of two processes on "
+            f"{os.cpu_count()} cores; the pull adds the offer and the answer through the prefill rank's TCPStore "
+            "and the header. The raw baseline is one message on a group formed beforehand, with none of these. "
+            "The fixed cost weighs most on the small transfers; with several in flight (the pair's lanes) it "
+            "overlaps other transfers' bytes, as far as the cores allow."
         )
-        single = [r for r in contiguous if r.case.in_flight == 1]
-        if missed and single:
-            smallest = min(single, key=lambda r: r.case.layout.nbytes)
-            extra_ms = (statistics.median(smallest.seconds["p2p"]) - statistics.median(smallest.seconds["raw"])) * 1e3
-            parts.append(
-                f"A transfer's fixed cost, from the smallest case: {extra_ms:.2f} ms over the raw send at "
-                f"{smallest.case.layout.nbytes / 1e6:.1f} MB. It is the offer and the answer through the prefill "
-                f"rank's TCPStore, the header and the acknowledgement, and the thread wake-ups of two processes on "
-                f"{os.cpu_count()} cores; the raw baseline is one message on a group formed beforehand, with none of "
-                "these. It weighs most on the small transfers; with several in flight (the pair's lanes) it "
-                "overlaps other transfers' bytes, as far as the cores allow."
-            )
-            parts.append(_floor_text(missed))
     if shuffled:
-        ratios = [_ratio(r) for r in shuffled]
+        ranges = {m: [_ratio(r, m) for r in shuffled] for m in ("push", "p2p")}
         parts.append(
-            f"Shuffled pages (every block its own run, so both sides stage): {min(ratios):.2f}–{max(ratios):.2f}, "
-            "the gather and the scatter being two more passes over the bytes; on a 2-core host they add to the "
-            "time, since both ends of a loopback send already keep a core busy copying (with NCCL or RDMA the wire "
-            "does not use the CPU)."
+            f"Shuffled pages (every block its own run, so both sides stage): push {min(ranges['push']):.2f}–"
+            f"{max(ranges['push']):.2f}, pull {min(ranges['p2p']):.2f}–{max(ranges['p2p']):.2f}, the gather and "
+            f"the scatter being two more passes over the bytes; on a {os.cpu_count()}-core host they add to the "
+            "time, since both ends of a loopback send already keep a core busy copying (with NCCL or RDMA the "
+            "wire does not use the CPU)."
         )
     return " ".join(parts)
 
 
-def _floor_text(missed: list[Result]) -> str:
-    """What the ``floor`` method says about the cases that missed the goal."""
-    below = [r for r in missed if _ratio(r, "floor") < 0.8]
-    above = [r for r in missed if _ratio(r, "floor") >= 0.8]
+def _floor_text(missed: list[Result], floor: str) -> str:
+    """What the floor method ``floor`` says about the cases that missed the goal."""
+    below = [r for r in missed if _ratio(r, floor) < 0.8]
+    above = [r for r in missed if _ratio(r, floor) >= 0.8]
+    what = (
+        "one `send` per layer of ready rows and a 1-value acknowledgement"
+        if floor == "floor-push"
+        else "a 1-value offer, then one `send` per layer of ready rows and a 1-value acknowledgement"
+    )
     text = []
     if below:
-        cases = ", ".join(f"{_label(r.case)} ({_ratio(r, 'floor'):.2f})" for r in below)
         text.append(
-            f"The floor (a one-message offer, then the layers from ready rows, on the formed group, on one thread) "
-            f"is itself below 0.8 for {cases}: where that holds across runs, a pull transport that sends one "
-            "message per layer cannot meet the goal on this machine."
+            f"Its floor ({what}, on the formed group, on one thread a side) is itself below 0.8 for "
+            f"{_cases_text(below, floor)}: where that holds across runs, no transport that moves these rows that "
+            "way meets the goal on this machine."
         )
     if above:
-        cases = ", ".join(f"{_label(r.case)} ({_ratio(r, 'floor'):.2f})" for r in above)
         text.append(
-            f"The floor reaches 0.8 for {cases}: there the gap is this transport's own cost (its threads, the "
-            "store, the Python around each message)."
+            f"Its floor reaches 0.8 for {_cases_text(above, floor)}: there the gap is the transport's own cost "
+            "(its threads and the Python around each message" + (", the store)." if floor == "floor" else ").")
         )
     return " ".join(text)
 
 
 def render(args: argparse.Namespace, results: list[Result], load: tuple[float, float]) -> str:
     rows = [
-        "| model | layers × row_dim | tokens | pages | in flight | MB moved | p2p GB/s | p2p no-copy GB/s | "
-        "gRPC GB/s | raw send GB/s | **p2p / raw** | p2p no-copy / raw | floor / raw | gRPC / raw | p2p median ms | "
-        "raw median ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layers × row_dim | tokens | pages | in flight | MB moved | push GB/s | pull GB/s | "
+        "pull no-copy GB/s | gRPC GB/s | raw send GB/s | **push / raw** | **pull / raw** | pull no-copy / raw | "
+        "push floor / raw | pull floor / raw | gRPC / raw | push median ms | pull median ms | raw median ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        c, raw = r.case, r.gbs("raw")
+        c = r.case
+        gbs = " | ".join(f"{r.gbs(m):.2f}" for m in ("push", "p2p", "p2p-nocopy", "grpc", "raw"))
+        ratios = " | ".join(f"{_ratio(r, m):.2f}" for m in ("p2p-nocopy", "floor-push", "floor", "grpc"))
+        ms = " | ".join(f"{statistics.median(r.seconds[m]) * 1e3:.2f}" for m in ("push", "p2p", "raw"))
         rows.append(
             f"| {c.model} | {c.num_layers} × {c.row_dim} | {c.num_tokens} | {c.pages} | {c.in_flight} | "
-            f"{c.nbytes / 1e6:.1f} | "
-            f"{r.gbs('p2p'):.2f} | {r.gbs('p2p-nocopy'):.2f} | {r.gbs('grpc'):.2f} | {raw:.2f} | "
-            f"**{_ratio(r):.2f}** | {_ratio(r, 'p2p-nocopy'):.2f} | {_ratio(r, 'floor'):.2f} | {_ratio(r, 'grpc'):.2f} | "
-            f"{statistics.median(r.seconds['p2p']) * 1e3:.2f} | {statistics.median(r.seconds['raw']) * 1e3:.2f} |"
+            f"{c.nbytes / 1e6:.1f} | {gbs} | **{_ratio(r, 'push'):.2f}** | **{_ratio(r, 'p2p'):.2f}** | {ratios} | {ms} |"
         )
     models = " ".join(Path(m).name for m in args.model or ())
     source = f"--model {models}" if models else f"--presets {' '.join(args.presets)}"
@@ -351,11 +426,16 @@ def render(args: argparse.Namespace, results: list[Result], load: tuple[float, f
             "ends when all have arrived; MB and GB/s count them all); "
             f"median of {args.reps} rounds after 1 warm-up, each round timing every method once in turn, "
             'each transfer timed from the command to the peer\'s "done" (the same pipe round trip for every method). '
-            "Raw = one gloo `send` of the same bytes (all requests in flight) as a single tensor on a 2-rank "
-            "group formed beforehand, plus a 1-value acknowledgement. Floor = on that group, per request a 1-value "
-            "offer from the peer, then one `send` per layer of ready rows and a 1-value acknowledgement, on one "
-            "thread a side (about the least a pull transport that sends one message per layer pays). The rows received in the "
-            "warm-up are checked (CRC32) against the source.",
+            "Push = the p2p transport as `Prefill` with `push_to` drives it: sender and receiver meet (offer, "
+            "answer, header) while the source's layers are not written yet; the clock starts when every layer is "
+            "written at once (the least overlap a push gets). Pull = the p2p transport started after the rows "
+            "are written (offer and answer included). No-copy = the pull between a source of ready rows and a "
+            "sink that drops them. Raw = one gloo `send` of the same bytes (all requests in flight) as a single "
+            "tensor on a 2-rank group formed beforehand, plus a 1-value acknowledgement. Floors, on that group, "
+            "one thread a side, per request: push floor = one `send` per layer of ready rows and a 1-value "
+            "acknowledgement (about the least a transport that sends one message per layer pays); pull floor = "
+            "the same after a 1-value offer from the peer. The rows received in the warm-up (push, pull, gRPC) "
+            "are checked (CRC32) against the source.",
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
             f"thread(s) per process, Python "
             f"{platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}, "

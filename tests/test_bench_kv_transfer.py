@@ -29,15 +29,23 @@ def test_the_kv_transfer_bench_moves_every_case_and_writes_its_table(
     ]
     assert "--in-flight 1 3" in out.read_text()
     header = next(line for line in out.read_text().splitlines() if line.startswith("| model |"))
-    floor_column = header.split(" | ").index("floor / raw")
-    assert all(float(row.split(" | ")[floor_column]) > 0 for row in rows)
+    columns = header.split(" | ")
+    for name in ("**push / raw**", "**pull / raw**", "push floor / raw", "pull floor / raw"):
+        assert all(float(row.split(" | ")[columns.index(name)].strip("*")) > 0 for row in rows), name
 
 
 def test_the_floor_methods_messages_never_share_a_tag() -> None:
-    """Every message of the floor method (per request: the offer, one per layer, the acknowledgement) has a
-    tag of its own across the warm-up and the repetitions, above the raw method's (2 * (rep + 2), + 1)."""
+    """Every message of the two floor methods (per request: the offer, one per layer, the acknowledgement)
+    has a tag of its own across both methods, the warm-up and the repetitions, above the raw method's
+    (2 * (rep + 2), + 1)."""
     case = Case("m", num_layers=3, row_dim=8, num_tokens=16, dtype="bfloat16", block_size=4, in_flight=3)
-    tags = [base + j for rep in range(-1, 20) for base in floor_tags(case, rep) for j in range(case.num_layers + 2)]
+    tags = [
+        base + j
+        for rep in range(-1, 20)
+        for variant in (0, 1)
+        for base in floor_tags(case, rep, variant)
+        for j in range(case.num_layers + 2)
+    ]
     assert len(set(tags)) == len(tags)
     assert min(tags) >= FLOOR_TAG_BASE > 2 * (20 + 2) + 1
     assert max(tags) < 2**31 - 1

@@ -132,12 +132,12 @@ class _Pair:
         self.sink = _CountingSink(self.dst, dst_blocks, num_tokens)
 
     def moved(self) -> bool:
-        return all(
-            torch.equal(
-                CacheKvSource(self.src, self.src_blocks, self.num_tokens).layer(layer),
-                CacheKvSource(self.dst, self.dst_blocks, self.num_tokens).layer(layer),
-            )
-            for layer in range(NUM_LAYERS)
+        return all(self.layer_moved(layer) for layer in range(NUM_LAYERS))
+
+    def layer_moved(self, layer: int) -> bool:
+        return torch.equal(
+            CacheKvSource(self.src, self.src_blocks, self.num_tokens).layer(layer),
+            CacheKvSource(self.dst, self.dst_blocks, self.num_tokens).layer(layer),
         )
 
 
@@ -282,8 +282,7 @@ def test_cancel_returns_only_once_no_posted_receive_can_write_the_pages(
     pair, source = _gated_pair(256)
     receiver = client.start_receive("cancel-direct", SENDER, server.rendezvous, pair.sink, timeout_s=20.0)
     sender = server.start_send("cancel-direct", RECEIVER, source, timeout_s=6.0)
-    layer_nbytes = 256 * ROW_DIM * 2
-    _until(lambda: receiver.bytes_moved >= layer_nbytes)  # layer 0 is in; layers 1, 2 are posted into the pages
+    _until(lambda: pair.layer_moved(0))  # layer 0 is in the pages; layers 1, 2 are posted into them
     snapshot = [layer.clone() for layer in pair.dst]
     started = time.monotonic()
     receiver.cancel()

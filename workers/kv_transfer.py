@@ -228,7 +228,8 @@ class KvTransfer:
 
     @property
     def bytes_moved(self) -> int:
-        """Row bytes moved so far (headers and checksums not counted)."""
+        """Row bytes moved so far (headers and checksums not counted; a p2p receive straight into the
+        pages with no checksum counts its layers when the last one lands)."""
         with self._lock:
             return self._bytes
 
