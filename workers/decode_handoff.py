@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -283,11 +282,9 @@ class DecodeHandoff:
         receiver: KvReceiver | None = None
         try:
             receiver = await self._start_receiver(stub, handle, sink)
-            deadline = time.monotonic() + self.transfer_timeout_s
-            while (state := receiver.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
-                if time.monotonic() > deadline:
-                    raise StatusError(grpc.StatusCode.UNAVAILABLE, "KV transfer timed out")
-                await asyncio.sleep(0.002)
+            state = await receiver.settled(self.transfer_timeout_s)
+            if not state.done:
+                raise StatusError(grpc.StatusCode.UNAVAILABLE, "KV transfer timed out")
             if state is TransferState.FAILED:
                 raise StatusError(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {receiver.error}")
             success = True

@@ -40,7 +40,6 @@ from k2serve.workers.kv_transfer_metrics import KvTransferMetrics
 from k2serve.workers.kv_transport_p2p import P2pKvClient
 
 logger = logging.getLogger(__name__)
-_POLL_S = 0.002
 ABORTED_KEEP_S = 120.0  # an aborted request id refuses a late push this long
 ABORTED_MAX = 10_000
 
@@ -162,13 +161,8 @@ class PushReceiver:
         """The claimed push's filled blocks; None when it failed (receiver cancelled, blocks freed: pull
         instead). Any other exit (the caller left) cancels the receiver and frees the blocks too."""
         receiver, ok = push.receiver, False
-        deadline = time.monotonic() + self.transfer_timeout_s
         try:
-            while (state := receiver.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(_POLL_S)
-            ok = state is TransferState.SUCCESS
+            ok = await receiver.settled(self.transfer_timeout_s) is TransferState.SUCCESS
         finally:
             if not ok:
                 await asyncio.shield(self._end(push, "the decode rank gave up the pushed transfer"))

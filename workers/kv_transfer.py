@@ -37,6 +37,7 @@ wire after its checksum was computed (so a receiver with checksums on fails it).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import queue
 import threading
@@ -180,6 +181,7 @@ class KvTransfer:
         self._ended: float | None = None
         self._thread: threading.Thread | None = None
         self._callbacks: list[Callable[[KvTransfer], None]] = []
+        self._done_hooks: list[Callable[[], None]] = []  # guarded by _lock; each called once, when _done is set
 
     # ---- owner side -----------------------------------------------------------------------------------
 
@@ -195,6 +197,35 @@ class KvTransfer:
     def add_done_callback(self, callback: Callable[[KvTransfer], None]) -> None:
         """Call ``callback(self)`` on the transfer's thread when it exits (set before ``start``)."""
         self._callbacks.append(callback)
+
+    def on_done(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` once the transfer has ended (at once if it has), on whichever thread ends it (its
+        own, or a ``cancel()`` or ``poll()`` caller's) and under its lock: ``hook`` must be quick and must
+        not call back into the transfer."""
+        with self._lock:
+            if not self._done.is_set():
+                self._done_hooks.append(hook)
+                return
+        hook()
+
+    async def settled(self, timeout_s: float) -> TransferState:
+        """``wait`` for an event loop: resumes as soon as the transfer ends (no polling) or after
+        ``timeout_s``, and returns ``poll()`` (not done when the time ran out first)."""
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ended.set)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+        self.on_done(wake)
+        try:
+            await asyncio.wait_for(ended.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            pass
+        return self.poll()
 
     def poll(self) -> TransferState:
         """The current state; never blocks. A thread past its deadline (+ grace) is declared FAILED here
@@ -269,13 +300,19 @@ class KvTransfer:
                     self._ended = time.monotonic()
                 else:
                     self._fail_locked(error)
-        self._done.set()
+            self._set_done_locked()
 
     def _fail_locked(self, error: str) -> None:
         self._state = TransferState.FAILED
         self._error = error
         self._ended = time.monotonic()
+        self._set_done_locked()
+
+    def _set_done_locked(self) -> None:
         self._done.set()
+        hooks, self._done_hooks = self._done_hooks, []
+        for hook in hooks:
+            hook()
 
     def _deadline(self) -> float:
         return self._started + self.timeout_s
