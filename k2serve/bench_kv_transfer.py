@@ -309,7 +309,12 @@ def _ratio(r: Result, method: str) -> float:
 
 
 def _cases_text(results: list[Result], method: str) -> str:
-    return ", ".join(f"{_label(r.case)} ({_ratio(r, method):.2f})" for r in results) or "none"
+    return ", ".join(f"{_label(r.case)} ({_ratio_text(_ratio(r, method))})" for r in results) or "none"
+
+
+def _ratio_text(ratio: float) -> str:
+    """Two decimals, or three where two would round a miss up to the goal (0.797 -> "0.797", not "0.80")."""
+    return f"{ratio:.3f}" if ratio < 0.8 <= round(ratio, 2) else f"{ratio:.2f}"
 
 
 def _label(case: Case) -> str:
