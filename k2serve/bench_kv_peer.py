@@ -6,7 +6,8 @@ Lifecycle: started by the driver with the rendezvous of its ``P2pKvServer``, the
 ``PullKv`` server and the raw baseline's store; reads one JSON command per line on stdin (``raw_join``,
 ``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``push`` with the transfer ids
 (starts the receivers and answers at once) then ``settle`` (waits for them), ``floor`` with each
-request's first tag and whether it offers, ``raw`` with a tag, ``crc``, ``quit``) and answers each with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
+request's first tag and whether it offers, ``raw`` with a tag, ``crc``, ``quit``) and answers each
+with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
 """
 
 from __future__ import annotations

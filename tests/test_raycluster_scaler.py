@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -273,6 +274,14 @@ def status(code: int, reason: str, message: str = "") -> Doc:
     }
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Says nothing when a client hangs up before its answer is written (a test's timed-out request)."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture
 def kube(raycluster: Doc) -> Iterator[Kube]:
     api = FakeKubeApi(raycluster)
@@ -293,7 +302,7 @@ def kube(raycluster: Doc) -> Iterator[Kube]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = _QuietServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

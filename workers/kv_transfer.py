@@ -18,7 +18,8 @@ Lifecycle of one transfer (either side):
    checksum mismatch in layer L, cancelled).
 
 The owner calls ``poll()`` from its loop: it never blocks, it only reads the state (and turns a
-transfer whose thread overran its deadline into ``FAILED``). ``cancel()`` makes a transfer
+transfer whose thread overran its deadline into ``FAILED``). A thread blocks in ``wait()``; an event
+loop awaits ``settled()``, which an ``on_done`` hook wakes the moment the transfer ends. ``cancel()`` makes a transfer
 ``FAILED`` at once. After it returns, the transfer never touches its source or sink again, so the
 caller may free the blocks. Its thread may still wait out the call it is in, until the deadline at
 most. Every blocking call inside a transfer waits at most until the transfer's deadline
