@@ -147,9 +147,7 @@ def measure(
         senders = [server.start_send(t, RECEIVER, s) for t, s in zip(tids, sending or sources, strict=True)]
         peer.reply()
         elapsed = time.perf_counter() - started
-        failed = [s.error for s in senders if s.wait() is not TransferState.SUCCESS]
-        if failed:
-            raise RuntimeError(f"{op} sender failed: {failed[0]}")
+        _check_senders(op, senders)
         return elapsed
 
     def push(rep: int) -> float:
@@ -171,9 +169,7 @@ def measure(
                 progress.layer_done(layer)
         peer.reply()
         elapsed = time.perf_counter() - started
-        failed = [s.error for s in senders if s.wait() is not TransferState.SUCCESS]
-        if failed:
-            raise RuntimeError(f"push sender failed: {failed[0]}")
+        _check_senders("push", senders)
         return elapsed
 
     ready: list[KvSource] = [ReadyRows(case.layout)] * case.in_flight
@@ -245,6 +241,13 @@ def measure(
         for method, run_one in methods.items():
             seconds[method].append(run_one(rep))
     return Result(case, seconds)
+
+
+def _check_senders(op: str, senders: list[KvSender]) -> None:
+    """Every sender of a timed repetition ended SUCCESS (after the peer said "done": no wait is timed)."""
+    failed = [s.error for s in senders if s.wait() is not TransferState.SUCCESS]
+    if failed:
+        raise RuntimeError(f"{op} sender failed: {failed[0]}")
 
 
 def _await_transferring(senders: list[KvSender], timeout_s: float) -> None:
