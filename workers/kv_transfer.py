@@ -223,7 +223,8 @@ class KvTransfer:
 
         self.on_done(wake)
         try:
-            await asyncio.wait_for(ended.wait(), max(0.0, timeout_s))
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await ended.wait()
         except TimeoutError:
             pass
         return self.poll()
