@@ -55,7 +55,6 @@ import json
 import os
 import platform
 import select
-import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +67,7 @@ import grpc
 import torch
 
 from k2serve.bench_kv_case import HOST, PAGES, RECEIVER, SENDER, Case, ReadyRows, Result, paged_cache, rows_crc
+from k2serve.bench_kv_report import goal_line, label, table_rows
 from k2serve.kernels.bench_report import write_section
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.config import ModelConfig
@@ -307,120 +307,7 @@ def _pages(args: argparse.Namespace) -> tuple[str, ...]:
     return pages
 
 
-def _ratio(r: Result, method: str) -> float:
-    return r.gbs(method) / r.gbs("raw")
-
-
-def _cases_text(results: list[Result], method: str) -> str:
-    return ", ".join(f"{_label(r.case)} ({_ratio_text(_ratio(r, method))})" for r in results) or "none"
-
-
-def _ratio_text(ratio: float) -> str:
-    """Two decimals, or three where two would round a miss up to the goal (0.797 -> "0.797", not "0.80")."""
-    return f"{ratio:.3f}" if ratio < 0.8 <= round(ratio, 2) else f"{ratio:.2f}"
-
-
-def _label(case: Case) -> str:
-    return f"{case.model} {case.num_tokens}" + (f" ×{case.in_flight}" if case.in_flight > 1 else "")
-
-
-# (method, its floor, what it is) for each way the p2p transport hands a request over
-_HANDOFFS = (
-    (
-        "push",
-        "floor-push",
-        "Push (the serving default, `kv_push: true`: the offer, the answer and the header go out while the "
-        "prefill's last forward runs, so only the rows and the acknowledgement come after it)",
-    ),
-    (
-        "p2p",
-        "floor",
-        "Pull (the fallback, for a refused push or `kv_push: false`: the offer and the answer come after the prefill)",
-    ),
-)
-
-
-def _goal_line(results: list[Result]) -> str:
-    """What the table says about the goal, in words (every figure taken from ``results``)."""
-    parts = [
-        "Goal: p2p ≥ 0.8 of the raw send, on contiguous pages (a fresh `BlockPool`'s ids, what a serving rank "
-        "gets; sent from and received into the pages, no gather, no scatter)."
-    ]
-    contiguous = [r for r in results if r.case.pages == "contiguous"]
-    shuffled = [r for r in results if r.case.pages == "shuffled"]
-    for method, floor, name in _HANDOFFS if contiguous else ():
-        met = [r for r in contiguous if _ratio(r, method) >= 0.8]
-        missed = [r for r in contiguous if _ratio(r, method) < 0.8]
-        parts.append(f"{name}: met for {_cases_text(met, method)}; not met for {_cases_text(missed, method)}.")
-        parts.append(_floor_text(missed, floor))
-    single = [r for r in contiguous if r.case.in_flight == 1]
-    if single:
-        smallest = min(single, key=lambda r: r.case.layout.nbytes)
-        extra_ms = {
-            m: (statistics.median(smallest.seconds[m]) - statistics.median(smallest.seconds["raw"])) * 1e3
-            for m in ("push", "p2p")
-        }
-        parts.append(
-            f"A transfer's fixed cost over the raw send, from the smallest case ({smallest.case.layout.nbytes / 1e6:.1f} "
-            f"MB): {extra_ms['push']:.2f} ms pushed, {extra_ms['p2p']:.2f} ms pulled. The push's is the messages "
-            "per layer, the acknowledgement and the wake-ups of the transfer threads of two processes on "
-            f"{os.cpu_count()} cores; the pull adds the offer and the answer through the prefill rank's TCPStore "
-            "and the header. The raw baseline is one message on a group formed beforehand, with none of these. "
-            "The fixed cost weighs most on the small transfers; with several in flight (the pair's lanes) it "
-            "overlaps other transfers' bytes, as far as the cores allow."
-        )
-    if shuffled:
-        ranges = {m: [_ratio(r, m) for r in shuffled] for m in ("push", "p2p")}
-        parts.append(
-            f"Shuffled pages (every block its own run, so both sides stage): push {min(ranges['push']):.2f}–"
-            f"{max(ranges['push']):.2f}, pull {min(ranges['p2p']):.2f}–{max(ranges['p2p']):.2f}, the gather and "
-            f"the scatter being two more passes over the bytes; on a {os.cpu_count()}-core host they add to the "
-            "time, since both ends of a loopback send already keep a core busy copying (with NCCL or RDMA the "
-            "wire does not use the CPU)."
-        )
-    return " ".join(parts)
-
-
-def _floor_text(missed: list[Result], floor: str) -> str:
-    """What the floor method ``floor`` says about the cases that missed the goal."""
-    below = [r for r in missed if _ratio(r, floor) < 0.8]
-    above = [r for r in missed if _ratio(r, floor) >= 0.8]
-    what = (
-        "one `send` per layer of ready rows and a 1-value acknowledgement"
-        if floor == "floor-push"
-        else "a 1-value offer, then one `send` per layer of ready rows and a 1-value acknowledgement"
-    )
-    text = []
-    if below:
-        text.append(
-            f"Its floor ({what}, on the formed group, on one thread a side) is itself below 0.8 for "
-            f"{_cases_text(below, floor)}: where that holds across runs, no transport that moves these rows that "
-            "way meets the goal on this machine."
-        )
-    if above:
-        text.append(
-            f"Its floor reaches 0.8 for {_cases_text(above, floor)}: there the gap is the transport's own cost "
-            "(its threads and the Python around each message" + (", the store)." if floor == "floor" else ").")
-        )
-    return " ".join(text)
-
-
 def render(args: argparse.Namespace, results: list[Result], load: tuple[float, float]) -> str:
-    rows = [
-        "| model | layers × row_dim | tokens | pages | in flight | MB moved | push GB/s | pull GB/s | "
-        "pull no-copy GB/s | gRPC GB/s | raw send GB/s | **push / raw** | **pull / raw** | pull no-copy / raw | "
-        "push floor / raw | pull floor / raw | gRPC / raw | push median ms | pull median ms | raw median ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        c = r.case
-        gbs = " | ".join(f"{r.gbs(m):.2f}" for m in ("push", "p2p", "p2p-nocopy", "grpc", "raw"))
-        ratios = " | ".join(f"{_ratio(r, m):.2f}" for m in ("p2p-nocopy", "floor-push", "floor", "grpc"))
-        ms = " | ".join(f"{statistics.median(r.seconds[m]) * 1e3:.2f}" for m in ("push", "p2p", "raw"))
-        rows.append(
-            f"| {c.model} | {c.num_layers} × {c.row_dim} | {c.num_tokens} | {c.pages} | {c.in_flight} | "
-            f"{c.nbytes / 1e6:.1f} | {gbs} | **{_ratio(r, 'push'):.2f}** | **{_ratio(r, 'p2p'):.2f}** | {ratios} | {ms} |"
-        )
     models = " ".join(Path(m).name for m in args.model or ())
     source = f"--model {models}" if models else f"--presets {' '.join(args.presets)}"
     tokens = " ".join(str(n) for n in args.tokens)
@@ -454,9 +341,9 @@ def render(args: argparse.Namespace, results: list[Result], load: tuple[float, f
             "--write docs/BENCHMARKS.md` (the folders made by `k2serve make-tiny-model k2-tiny --preset tiny` and "
             "`... k2-small --preset small`).",
             "",
-            *rows,
+            *table_rows(results),
             "",
-            _goal_line(results),
+            goal_line(results),
         ]
     )
 
@@ -491,7 +378,7 @@ def run_bench_kv_transfer(args: argparse.Namespace) -> int:
             results.append(measure(case, peer, server, servicer, raw, args))
             r = results[-1]
             print(
-                f"{_label(case)} tokens, {case.pages} pages: " + ", ".join(f"{m} {r.gbs(m):.2f} GB/s" for m in METHODS),
+                f"{label(case)} tokens, {case.pages} pages: " + ", ".join(f"{m} {r.gbs(m):.2f} GB/s" for m in METHODS),
                 flush=True,
             )
     finally:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from k2serve.bench_kv_case import Case
-from k2serve.bench_kv_transfer import FLOOR_TAG_BASE, _ratio_text, floor_tags
+from k2serve.bench_kv_report import ratio_text
+from k2serve.bench_kv_transfer import FLOOR_TAG_BASE, floor_tags
 from k2serve.cli import main
 
 
@@ -52,4 +53,4 @@ def test_the_floor_methods_messages_never_share_a_tag() -> None:
 
 
 def test_a_ratio_just_under_the_goal_never_reads_as_the_goal() -> None:
-    assert [_ratio_text(r) for r in (0.797, 0.7949, 0.8, 0.8049, 1.234)] == ["0.797", "0.79", "0.80", "0.80", "1.23"]
+    assert [ratio_text(r) for r in (0.797, 0.7949, 0.8, 0.8049, 1.234)] == ["0.797", "0.79", "0.80", "0.80", "1.23"]
