@@ -1,6 +1,7 @@
 """What both processes of ``k2serve bench kv-transfer`` share: a ``Case`` (model row, prompt length,
 page layout, requests in flight), its ``Result``, the seeded paged cache each side builds for a case,
-the CRC32 of a request's rows, and ``ReadyRows`` (the no-copy source and sink).
+the CRC32 of a request's rows, ``ReadyRows`` (the no-copy source and sink) and ``await_transferring``
+(a push's handshake done).
 
 Lifecycle: pure values and helpers; the driver is ``bench_kv_transfer``, the decode-side process
 ``bench_kv_peer``.
@@ -9,13 +10,22 @@ Lifecycle: pure values and helpers; the driver is ``bench_kv_transfer``, the dec
 from __future__ import annotations
 
 import statistics
+import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from k2serve.workers.block_pool import BlockPool
-from k2serve.workers.kv_transfer import CacheKvSource, KvLayout, dtype_from_name, raw_bytes
+from k2serve.workers.kv_transfer import (
+    CacheKvSource,
+    KvLayout,
+    KvTransfer,
+    TransferState,
+    dtype_from_name,
+    raw_bytes,
+)
 
 HOST = "127.0.0.1"
 SENDER, RECEIVER = "bench-prefill", "bench-decode"
@@ -99,3 +109,17 @@ class ReadyRows:
 
     def write(self, layer: int, first_token: int, rows: torch.Tensor) -> None:
         pass
+
+
+def await_transferring(transfers: Sequence[KvTransfer], timeout_s: float) -> None:
+    """Until every transfer of a push is past its handshake (the sender: answer, group and header out; the
+    receiver: every receive posted and the header in), polling, bounded by ``timeout_s``. A serving
+    push is there long before the prefill's last layer is written; the push is timed from there."""
+    deadline = time.monotonic() + timeout_s
+    for transfer in transfers:
+        while (state := transfer.poll()) is TransferState.BOOTSTRAPPING:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"push: no handshake within {timeout_s:g}s")
+            time.sleep(0.0005)
+        if state is TransferState.FAILED:
+            raise RuntimeError(f"push {transfer.role} failed before the rows were ready: {transfer.error}")

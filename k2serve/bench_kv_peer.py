@@ -5,7 +5,7 @@ names.
 Lifecycle: started by the driver with the rendezvous of its ``P2pKvServer``, the address of its
 ``PullKv`` server and the raw baseline's store; reads one JSON command per line on stdin (``raw_join``,
 ``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``push`` with the transfer ids
-(starts the receivers and answers at once) then ``settle`` (waits for them), ``floor`` with each
+(starts the receivers and answers once each has met its sender) then ``settle`` (waits for them), ``floor`` with each
 request's first tag and whether it offers, ``raw`` with a tag, ``crc``, ``quit``) and answers each
 with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
 """
@@ -19,7 +19,16 @@ from typing import Any
 
 import torch
 
-from k2serve.bench_kv_case import HOST, RECEIVER, SENDER, Case, ReadyRows, paged_cache, rows_crc
+from k2serve.bench_kv_case import (
+    HOST,
+    RECEIVER,
+    SENDER,
+    Case,
+    ReadyRows,
+    await_transferring,
+    paged_cache,
+    rows_crc,
+)
 from k2serve.workers.kv_transfer import CacheKvSink, KvReceiver, KvSink, TransferState
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver
 from k2serve.workers.kv_transport_p2p import P2pKvClient, PointToPointBackend, connect_pair_group
@@ -66,12 +75,16 @@ def run_peer(args: argparse.Namespace) -> int:
                     receivers.append(GrpcKvReceiver(args.grpc, tid, sink, args.timeout))
             failed = [r.error for r in receivers if r.wait() is not TransferState.SUCCESS]
             reply = {"ok": not failed, "error": failed[0] if failed else None}
-        elif op == "push":  # start the receivers now; the rows come once the driver writes them ("settle")
+        elif op == "push":  # start the receivers; answer once they met their senders (the rows come on "settle")
             assert case is not None
             pushed = [
                 client.start_receive(tid, SENDER, args.rendezvous, CacheKvSink(cache, ids, case.num_tokens))
                 for tid, ids in zip(cmd["ids"], blocks, strict=True)
             ]
+            try:
+                await_transferring(pushed, args.timeout)
+            except RuntimeError as exc:
+                reply = {"ok": False, "error": str(exc)}
         elif op == "settle":
             failed = [r.error for r in pushed if r.wait() is not TransferState.SUCCESS]
             pushed = []

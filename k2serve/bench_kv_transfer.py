@@ -26,7 +26,8 @@ Methods:
 - ``push``: the default transport (``P2pKvServer`` / ``P2pKvClient``, gloo pair group, cached) as a
   ``Prefill`` with ``push_to`` uses it (``kv_push``): the sender reads a ``ProgressKvSource`` whose
   blocks are known but whose layers are not written, so the two sides meet (offer, answer, header)
-  first; then every layer is marked written at once and the clock runs until the peer has the rows (no
+  first, as they do while a prefill's forward runs (each side waits for the other to be past it:
+  ``await_transferring``); then every layer is marked written at once and the clock runs until the peer has the rows (no
   compute to overlap: the least a push hides);
 - ``p2p`` (the pull): the same transport started after the rows are written, offer and answer included;
 - ``p2p-nocopy``: the pull between a source that hands out ready rows and a sink that drops them. That
@@ -66,7 +67,18 @@ from typing import Any
 import grpc
 import torch
 
-from k2serve.bench_kv_case import HOST, PAGES, RECEIVER, SENDER, Case, ReadyRows, Result, paged_cache, rows_crc
+from k2serve.bench_kv_case import (
+    HOST,
+    PAGES,
+    RECEIVER,
+    SENDER,
+    Case,
+    ReadyRows,
+    Result,
+    await_transferring,
+    paged_cache,
+    rows_crc,
+)
 from k2serve.bench_kv_report import goal_line, label, table_rows
 from k2serve.kernels.bench_report import write_section
 from k2serve.proto import worker_pb2, worker_pb2_grpc
@@ -161,7 +173,7 @@ def measure(
             for t, p in zip(tids, progresses, strict=True)
         ]
         peer.reply()
-        _await_transferring(senders, args.timeout)
+        await_transferring(senders, args.timeout)
         started = time.perf_counter()
         peer.send(op="settle")
         for progress in progresses:  # the whole prompt's rows written at once: nothing overlaps the sends
@@ -250,18 +262,6 @@ def _check_senders(op: str, senders: list[KvSender]) -> None:
         raise RuntimeError(f"{op} sender failed: {failed[0]}")
 
 
-def _await_transferring(senders: list[KvSender], timeout_s: float) -> None:
-    """Until every sender has its answer, its group and its header out (bounded by ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    for sender in senders:
-        while (state := sender.poll()) is TransferState.BOOTSTRAPPING:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"push: no handshake within {timeout_s:g}s")
-            time.sleep(0.0005)
-        if state is TransferState.FAILED:
-            raise RuntimeError(f"push sender failed before the rows were ready: {sender.error}")
-
-
 def floor_tags(case: Case, rep: int, variant: int = 0) -> list[int]:
     """Per request in flight, the first of a floor method's tags in repetition ``rep`` (-1: the warm-up;
     ``variant`` 0: ``floor``, 1: ``floor-push``): its offer (``floor`` only); its layers and its
@@ -322,8 +322,9 @@ def render(args: argparse.Namespace, results: list[Result], load: tuple[float, f
             f"median of {args.reps} rounds after 1 warm-up, each round timing every method once in turn, "
             'each transfer timed from the command to the peer\'s "done" (the same pipe round trip for every method). '
             "Push = the p2p transport as `Prefill` with `push_to` drives it: sender and receiver meet (offer, "
-            "answer, header) while the source's layers are not written yet; the clock starts when every layer is "
-            "written at once (the least overlap a push gets). Pull = the p2p transport started after the rows "
+            "answer, header) while the source's layers are not written yet, as during a prefill's forward; the "
+            "clock starts once both sides are past that and every layer is written at once (the least overlap "
+            "a push gets). Pull = the p2p transport started after the rows "
             "are written (offer and answer included). No-copy = the pull between a source of ready rows and a "
             "sink that drops them. Raw = one gloo `send` of the same bytes (all requests in flight) as a single "
             "tensor on a 2-rank group formed beforehand, plus a 1-value acknowledgement. Floors, on that group, "
