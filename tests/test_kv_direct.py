@@ -168,6 +168,8 @@ def _transfer(
     sender = server.start_send(tid, RECEIVER, pair.source, checksum=checksum)
     states = [receiver.wait(10.0), sender.wait(10.0)]
     assert states == [TransferState.SUCCESS] * 2, (receiver.error, sender.error)
+    nbytes = pair.sink.layout.nbytes  # = ROW_DIM × dtype size × NUM_LAYERS × num_tokens
+    assert sender.bytes_moved == receiver.bytes_moved == nbytes, (sender.bytes_moved, receiver.bytes_moved, nbytes)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -415,6 +417,26 @@ def test_a_source_that_fails_before_its_blocks_are_known_fails_both_sides_and_ke
     _transfer(server, client, "after-early-fail", fresh)
     assert fresh.moved()
     assert server.slot(RECEIVER, "gloo").generation == generation  # the same group carried it
+
+
+def test_a_receiver_reports_success_before_its_acknowledgement_and_a_late_cancel_keeps_the_group(
+    server: P2pKvServer, client: P2pKvClient
+) -> None:
+    _transfer(server, client, "warm-ack", _Pair(32, _contiguous(32, 0), _contiguous(32, 8)))
+    generation = server.slot(RECEIVER, "gloo").generation
+    for k in range(5):  # the cancel lands before, during or after the acknowledgement goes out
+        pair = _Pair(200, _contiguous(200, 0), _contiguous(200, 20))
+        receiver = client.start_receive(f"late-cancel-{k}", SENDER, server.rendezvous, pair.sink)
+        sender = server.start_send(f"late-cancel-{k}", RECEIVER, pair.source)
+        assert receiver.wait(10.0) is TransferState.SUCCESS, receiver.error  # wakes the moment it is reported
+        receiver.cancel("too late")
+        assert receiver.poll() is TransferState.SUCCESS and receiver.error is None
+        assert pair.moved()  # SUCCESS: every row is in the pages already
+        assert sender.wait(10.0) is TransferState.SUCCESS, sender.error  # its acknowledgement still came
+    fresh = _Pair(64, _contiguous(64, 0), _contiguous(64, 10))
+    _transfer(server, client, "after-late-cancel", fresh)
+    assert fresh.moved()
+    assert server.slot(RECEIVER, "gloo").generation == generation  # the same group carried every one
 
 
 def test_transfer_threads_are_reused() -> None:

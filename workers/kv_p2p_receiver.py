@@ -215,20 +215,21 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         if header.tolist() != expected:
             raise TransferError(f"header mismatch: got {header.tolist()}, expected {expected}")  # breaks the group
         self._begin_transferring()
-        waited = None  # a receive already waited for (gloo work takes one wait: a second blocks to its timeout)
-        if pages is not None and not self._checksum and self._on_wire is None:
-            # Nothing to do per layer: one wake-up when the last message lands (one connection, so it comes
-            # last) instead of one per layer, which on a loaded host takes the cores the copies need.
-            waited = posted[layout.num_layers - 1][-1][0]
-            self._wait(waited, f"receiving layer {layout.num_layers - 1}")
+        ack = self._small([ACK_OK, -1], device)  # [status, layer]: the verdict once every row is in
         crcs: list[int] = []
-        for i in range(layout.num_layers):
+        at_once = pages is not None and not self._checksum and self._on_wire is None
+        if at_once:
+            # Nothing to do per layer: one wake-up when the last message lands instead of one per layer,
+            # which on a loaded host takes the cores the copies need. One connection delivers the messages
+            # in the order they were sent, so by then every earlier one is in too (and gloo work takes one
+            # wait: a second would block to its timeout).
+            self._wait(posted[layout.num_layers - 1][-1][0], f"receiving layer {layout.num_layers - 1}")
+            self._fence.all_done()
+            self._add_bytes(layout.nbytes)
+        for i in range(0 if at_once else layout.num_layers):
             crc = 0
             for work, rows in posted.pop(i):
-                if work is waited:
-                    self._fence.done(work)
-                else:
-                    self._wait_receive(work, f"receiving layer {i}")
+                self._wait_receive(work, f"receiving layer {i}")
                 if self._on_wire is not None:
                     self._on_wire(i, rows)
                 if self._checksum:
@@ -242,17 +243,18 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
                 posted[i + ahead] = post_layer(i + ahead)
         for base in bases:  # every receive has finished: nothing writes into them any more
             pool.give(base)
-        verdict = [ACK_OK, -1]
+        bad: list[int] = []
         if self._checksum:
             sums = self._small([0] * layout.num_layers, device)
             self._exchange("receiving checksums", recv_from(0, sums, tags.checksums))
             bad = [i for i, (want, got) in enumerate(zip(sums.tolist(), crcs, strict=True)) if want != got]
-            if bad:
-                verdict = [ACK_CHECKSUM, bad[0]]
-        ack = self._small(verdict, device)
+        if bad:
+            ack.copy_(torch.tensor([ACK_CHECKSUM, bad[0]]))
+        else:
+            self._succeed()  # every row is written (and verified): the owner may go on while the ack goes
         self._exchange("sending the acknowledgement", send_to(0, ack, tags.ack))
-        if verdict[0] == ACK_CHECKSUM:
-            raise TransferRejected(f"checksum mismatch in layer {verdict[1]}")
+        if bad:
+            raise TransferRejected(f"checksum mismatch in layer {bad[0]}")
 
     def _wait_receive(self, work: dist.Work, what: str) -> None:
         self._wait(work, what)

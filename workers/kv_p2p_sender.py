@@ -204,7 +204,13 @@ class P2pKvSender(P2pTransfer, KvSender):
     def _send(self, seq: int, plan: Plan, pages: PagedRows | None) -> None:
         layout, device, segments = self.layout, self._source.device, plan.segments
         tags = Tags(seq, layout.num_layers)
-        first_rows = pages.segment_rows(segments) if pages is not None else []
+        direct: list[list[torch.Tensor]] = []  # per layer, its segments' views of the cache (sent as they are)
+        if pages is not None:  # built before any row is ready: a push has nothing but the sends left to do
+            first_rows = pages.segment_rows(segments)
+            direct = [
+                [pages.segment(i, row, seg.count) for row, seg in zip(first_rows, segments, strict=True)]
+                for i in range(layout.num_layers)
+            ]
         header = self._small(header_values(layout, seq, plan), device)  # [6]
         ack = self._small([ACK_FAILED, -1], device)  # [status, layer]
         ack_work = self._post("posting the acknowledgement receive", recv_from(1, ack, tags.ack))
@@ -222,7 +228,7 @@ class P2pKvSender(P2pTransfer, KvSender):
             buffer = None
             with self._data():
                 if pages is not None:  # views of the cache: sent as they are, no copy
-                    pieces = [pages.segment(i, row, seg.count) for row, seg in zip(first_rows, segments, strict=True)]
+                    pieces = direct[i]
                 else:  # gathered while layer i-1 is in flight, sent in slices at the segments
                     buffer = pool.take(layout.num_tokens, layout.row_dim, layout.dtype, device)  # [>= N, D]
                     rows = self._source.layer(i, out=buffer[: layout.num_tokens])  # [N, D]
@@ -250,8 +256,11 @@ class P2pKvSender(P2pTransfer, KvSender):
         if pages is not None:
             # Direct: no buffer waits to be given back, so wait for the acknowledgement first. gloo wakes a
             # pending receive when the peer goes, but not a send it was writing at that moment (that one
-            # waits out the deadline); once acknowledged, every send has completed.
+            # waits out the deadline); the receiver acknowledges only once every message is in, so then
+            # every send has completed: they are counted, not waited for one by one.
             self._wait(ack_work, "waiting for the receiver's acknowledgement")
+            self._add_bytes(sum(nbytes for sends, _ in in_flight for _, _, nbytes in sends))
+            in_flight.clear()
         while in_flight:
             self._retire(*in_flight.popleft())
         if pages is None:

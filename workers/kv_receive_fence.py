@@ -87,6 +87,12 @@ class ReceiveFence:
             self._outstanding = [w for w in self._outstanding if w is not work]
             self._cond.notify_all()
 
+    def all_done(self) -> None:
+        """Every posted receive completed (its last message is in, and one connection delivers in order)."""
+        with self._cond:
+            self._outstanding.clear()
+            self._cond.notify_all()
+
     def settle(self) -> None:
         """On the transfer's thread, before it ends FAILED: every outstanding receive completes or stops."""
         with self._cond:

@@ -13,17 +13,17 @@ Lifecycle of one transfer (either side):
 1. A transport's ``start_send`` / ``start_receive`` builds the transfer and starts its daemon thread;
    the state is ``BOOTSTRAPPING`` while the two sides find each other.
 2. ``TRANSFERRING`` once the data path is up; rows move layer by layer.
-3. ``SUCCESS`` (the receiver has written and, if asked, verified every row; the sender has its
-   acknowledgement) or ``FAILED`` with ``error`` saying why (peer gone, timed out waiting for X,
+3. ``SUCCESS`` (the receiver has written and, if asked, verified every row, and reports it before it
+   sends its acknowledgement; the sender has the acknowledgement) or ``FAILED`` with ``error`` saying why (peer gone, timed out waiting for X,
    checksum mismatch in layer L, cancelled).
 
 The owner calls ``poll()`` from its loop: it never blocks, it only reads the state (and turns a
 transfer whose thread overran its deadline into ``FAILED``). A thread blocks in ``wait()``; an event
-loop awaits ``settled()``, which an ``on_done`` hook wakes the moment the transfer ends. ``cancel()`` makes a transfer
-``FAILED`` at once. After it returns, the transfer never touches its source or sink again, so the
-caller may free the blocks. Its thread may still wait out the call it is in, until the deadline at
-most. Every blocking call inside a transfer waits at most until the transfer's deadline
-(``timeout_s`` after it started).
+loop awaits ``settled()``, which an ``on_done`` hook wakes the moment the transfer ends. ``cancel()``
+makes a transfer ``FAILED`` at once (one that has succeeded stays so). After it returns, the transfer
+never touches its source or sink again, so the caller may free the blocks. Its thread may still wait
+out the call it is in, until the deadline at most. Every blocking call inside a transfer waits at
+most until the transfer's deadline (``timeout_s`` after it started).
 
 Checksums (optional): a CRC32 (``zlib.crc32``) of each layer's raw bytes, computed by the sender on
 what it sends and by the receiver on what it received; a mismatch fails the transfer with
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import queue
 import threading
 import time
@@ -92,6 +93,7 @@ __all__ = [
     "slot_mapping",
 ]
 
+logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
 # poll() fails a transfer whose thread is still running this long after its deadline (a call that
 # ignored its bound); the thread itself normally fails first.
@@ -245,9 +247,13 @@ class KvTransfer:
         return self.poll()
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Fail now; when this returns the transfer no longer reads its source or writes its sink."""
-        self._cancelled.set()
+        """Fail now; when this returns the transfer no longer reads its source or writes its sink. A
+        transfer that already succeeded is left alone (it touches neither any more; a receiver may
+        still be sending its acknowledgement, which a cancel must not cut)."""
         with self._lock:
+            if self._state is TransferState.SUCCESS:
+                return
+            self._cancelled.set()
             if not self._state.done:
                 self._fail_locked(reason)
         self._on_cancel()
@@ -294,8 +300,15 @@ class KvTransfer:
         for callback in self._callbacks:
             callback(self)
 
+    def _succeed(self) -> None:
+        """From the thread, before its last steps: the transfer's outcome is SUCCESS now (a receiver whose
+        rows are all in, before it acknowledges them), unless it has failed already."""
+        self._finish(None)
+
     def _finish(self, error: str | None) -> None:
         with self._lock:
+            if self._state is TransferState.SUCCESS and error is not None:
+                logger.warning("transfer %s: after it succeeded: %s", self.transfer_id, error)
             if not self._state.done:
                 if error is None:
                     self._state = TransferState.SUCCESS
