@@ -5,9 +5,9 @@ names.
 Lifecycle: started by the driver with the rendezvous of its ``P2pKvServer``, the address of its
 ``PullKv`` server and the raw baseline's store; reads one JSON command per line on stdin (``raw_join``,
 ``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``push`` with the transfer ids
-(starts the receivers and answers once each has met its sender) then ``settle`` (waits for them), ``floor`` with each
-request's first tag and whether it offers, ``raw`` with a tag, ``crc``, ``quit``) and answers each
-with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
+(starts the receivers and answers once each has met its sender) then ``settle`` (waits for them),
+``floor`` with each request's first tag and whether it offers, ``raw`` with a tag, ``crc``, ``quit``)
+and answers each with one JSON line on stdout (``ok``, and ``error`` or ``crc``).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run_peer(args: argparse.Namespace) -> int:
                     receivers.append(GrpcKvReceiver(args.grpc, tid, sink, args.timeout))
             failed = [r.error for r in receivers if r.wait() is not TransferState.SUCCESS]
             reply = {"ok": not failed, "error": failed[0] if failed else None}
-        elif op == "push":  # start the receivers; answer once they met their senders (the rows come on "settle")
+        elif op == "push":  # start the receivers; answer once they met their senders (rows come on "settle")
             assert case is not None
             pushed = [
                 client.start_receive(tid, SENDER, args.rendezvous, CacheKvSink(cache, ids, case.num_tokens))

@@ -27,8 +27,8 @@ Methods:
   ``Prefill`` with ``push_to`` uses it (``kv_push``): the sender reads a ``ProgressKvSource`` whose
   blocks are known but whose layers are not written, so the two sides meet (offer, answer, header)
   first, as they do while a prefill's forward runs (each side waits for the other to be past it:
-  ``await_transferring``); then every layer is marked written at once and the clock runs until the peer has the rows (no
-  compute to overlap: the least a push hides);
+  ``await_transferring``); then every layer is marked written at once and the clock runs until the
+  peer has the rows (no compute to overlap: the least a push hides);
 - ``p2p`` (the pull): the same transport started after the rows are written, offer and answer included;
 - ``p2p-nocopy``: the pull between a source that hands out ready rows and a sink that drops them. That
   is the protocol's own cost, without the gather from and scatter into the pages;

@@ -169,7 +169,7 @@ def _transfer(
     states = [receiver.wait(10.0), sender.wait(10.0)]
     assert states == [TransferState.SUCCESS] * 2, (receiver.error, sender.error)
     nbytes = pair.sink.layout.nbytes  # = ROW_DIM × dtype size × NUM_LAYERS × num_tokens
-    assert sender.bytes_moved == receiver.bytes_moved == nbytes, (sender.bytes_moved, receiver.bytes_moved, nbytes)
+    assert sender.bytes_moved == receiver.bytes_moved == nbytes, (sender.bytes_moved, receiver.bytes_moved)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

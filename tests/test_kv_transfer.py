@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -22,7 +22,7 @@ from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_lease import KvLeaseTable
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY
 from k2serve.workers.kv_p2p_link import JOIN_GONE, JOIN_LEFT, join_key
-from k2serve.workers.kv_pair_group import MAX_LANES, PairLanes
+from k2serve.workers.kv_pair_group import MAX_LANES, PairGroup, PairLanes, PointToPointBackend
 from k2serve.workers.kv_transfer import (
     BufferPool,
     CacheKvSink,
@@ -243,7 +243,7 @@ def test_p2p_a_failure_on_one_lane_leaves_the_other_lanes_groups_alone(
     held, failing = _Pair(num_tokens=64, seed=72), _Pair(num_tokens=64, seed=73)
     lanes = client.lanes(server.rendezvous, SENDER, "gloo")
     for slot in lanes.slots:
-        slot.avoid_until = 0.0  # forget the failures of earlier tests: lanes are taken lowest first
+        slot.avoid_until = 0.0  # forget the failures of earlier tests
     taken = lanes.acquire(5.0)  # keep lane 0 busy, so the failing transfer goes on lane 1
     assert taken is not None and taken[0] == 0
     try:
@@ -269,12 +269,12 @@ def test_p2p_a_lane_whose_transfer_failed_is_avoided_while_its_sender_may_still_
     lanes = client.lanes(server.rendezvous, SENDER, "gloo")
     for slot in lanes.slots:
         assert not slot.lock.locked()
-        slot.avoid_until = 0.0  # forget the failures of earlier tests: lanes are taken lowest first
+        slot.avoid_until = 0.0  # forget the failures of earlier tests
     lost = client.start_receive("lane-lost", SENDER, server.rendezvous, _Pair(num_tokens=16).sink(), timeout_s=0.3)
     assert lost.wait(5.0) is TransferState.FAILED  # no sender came: one may yet hold lane 0 on its side
     assert lanes.slots[0].avoid_until > time.monotonic()
     after = lanes.acquire(1.0)
-    assert after is not None and after[0] == 1  # lane 0 is skipped while another is free
+    assert after is not None and after[0] != 0  # lane 0 is skipped while another is free
     lanes.release(after[1])
     pair = _Pair(num_tokens=48, seed=74)
     receiver = client.start_receive("lane-next", SENDER, server.rendezvous, pair.sink())
@@ -405,6 +405,16 @@ def test_pair_lanes_hand_out_the_lowest_free_lane_and_wait_boundedly() -> None:
     assert first is not None and first[0] == 1  # avoided while another lane is free
     only = lanes.acquire(0.1)
     assert only is not None and only[0] == 0  # taken when it is the only one left
+    lanes.release(first[1])
+    lanes.release(only[1])
+    lanes.slots[0].avoid_until = 0.0
+    lanes.slots[1].group = PairGroup("p/l1/g1", "gloo", backend=cast(PointToPointBackend, object()))
+    cached = lanes.acquire(0.1)
+    assert cached is not None and cached[0] == 1  # a working group beats a lower lane that has none
+    lanes.release(cached[1])
+    lanes.slots[1].group.broken = "failed"
+    lowest = lanes.acquire(0.1)
+    assert lowest is not None and lowest[0] == 0  # no working group anywhere: the lowest free lane
     with pytest.raises(ValueError, match=r"lanes: expected 1\.\.16, got 0"):
         PairLanes(0)
 

@@ -36,7 +36,7 @@ from k2serve.workers.kv_p2p_link import (
     send_to,
 )
 from k2serve.workers.kv_pages import PagedRows, paged_rows
-from k2serve.workers.kv_pair_group import PairGroup, backend_kind
+from k2serve.workers.kv_pair_group import PairGroup, PairSlot, backend_kind
 from k2serve.workers.kv_receive_fence import FenceClosed, ReceiveFence
 from k2serve.workers.kv_segments import Plan
 from k2serve.workers.kv_transfer import KvReceiver, KvSink, TransferError, TransferState, WireTap, raw_bytes
@@ -66,6 +66,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         self._fence = ReceiveFence(backend_kind(sink.device), peer_rank=0)
         self._threads = client.threads
         self._answer_key: str | None = None  # while the thread waits for the answer (guarded by _lock)
+        self._slot: PairSlot | None = None  # the lane this transfer holds
 
     def poll(self) -> TransferState:
         """As ``KvTransfer.poll``; a transfer reported FAILED has no receive left that may write its sink."""
@@ -114,6 +115,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         if taken is None:
             raise self._timed_out(f"waiting for a free lane from {sid}")
         lane, slot = taken
+        self._slot = slot
         finished = False
         try:
             if slot.store is None:
@@ -172,6 +174,13 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
             if not finished:  # the sender may still hold its side of the lane, up to its deadline
                 slot.avoid_until = time.monotonic() + self.timeout_s
             lanes.release(slot)
+            slot.acknowledging = False  # after the release: a transfer waiting for this lane takes it at once
+
+    def _succeed(self) -> None:
+        slot = self._slot
+        if slot is not None:  # the pair's next transfer waits for this lane (ACK_WAIT_S) rather than open one
+            slot.acknowledging = True
+        super()._succeed()
 
     def _withdraw(self, store: dist.Store) -> None:
         """Take back an offer no sender took (best effort: the store may be gone too)."""

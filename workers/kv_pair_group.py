@@ -7,7 +7,8 @@ prefill batch ends several requests at once, and their handoffs to one decode ra
 not queue). A ``PairSlot`` per lane on each side holds the lane's current ``PairGroup`` (one
 generation, prefix ``.../l<lane>/g<generation>``), the store connection its rendezvous uses, and the
 lock that serializes the lane's transfers. The receiver picks the lane (``PairLanes.acquire``: the
-lowest free one, so serial traffic always reuses lane 0 and its group) and names it in its offer.
+lowest free one with a working group, else the lowest free one, so serial traffic reuses its groups)
+and names it in its offer.
 A group is created on demand (``connect_pair_group``: gloo for CPU tensors, NCCL for CUDA tensors; it
 blocks until the peer joins), reused while it works, and dropped (``PairSlot.drop``) when a transfer
 on it fails; the lane's next transfer builds the next generation. A failure or a cancel drops only
@@ -23,6 +24,7 @@ import datetime
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -72,6 +74,7 @@ class PairSlot:
     group: PairGroup | None = None
     generation: int = 0
     avoid_until: float = 0.0  # receiver side: a failed transfer's sender may hold this lane until then
+    acknowledging: bool = False  # receiver side: its transfer has succeeded and is sending its acknowledgement
 
     def usable(self) -> PairGroup | None:
         group = self.group
@@ -84,6 +87,7 @@ class PairSlot:
 
 
 DEFAULT_LANES = 4  # a receiver's concurrent transfers per sender
+ACK_WAIT_S = 0.05  # how long acquire waits for an acknowledging lane's working group instead of a new group
 MAX_LANES = 16  # the most a sender accepts per receiver (each lane is a group: sockets and threads on both sides)
 
 
@@ -103,22 +107,39 @@ class PairLanes:
         self._free = threading.Semaphore(count)
 
     def acquire(self, timeout_s: float) -> tuple[int, PairSlot] | None:
-        """(lane, its slot, locked), or None when none came free within ``timeout_s``. A lane whose last
-        transfer failed is taken only when no other is free until its ``avoid_until``: that transfer's
-        sender may still hold its side of the lane (waiting out its own deadline), and a transfer
-        offered on it would wait behind that."""
+        """(lane, its slot, locked), or None when none came free within ``timeout_s``. In this order: the
+        lowest free lane with a working group; a lane whose transfer is acknowledging, waited for up to
+        ``ACK_WAIT_S`` (a receiver reports SUCCESS just before it acknowledges, so the pair's next
+        transfer may start while that lane is still taken, and a new group costs a rendezvous); the
+        lowest free lane. A lane whose last transfer failed is taken only when no other is free until
+        its ``avoid_until``: that transfer's sender may still hold its side of the lane (waiting out its
+        own deadline), and a transfer offered on it would wait behind that."""
         if not self._free.acquire(timeout=max(0.0, timeout_s)):
             return None
         # a permit holder holds at most one lane lock, and every lane lock is held by one: one is free
         now = time.monotonic()
-        for avoiding in (True, False):
-            for lane, slot in enumerate(self.slots):
-                if avoiding and slot.avoid_until > now:
-                    continue
-                if slot.lock.acquire(blocking=False):
-                    return lane, slot
-        self._free.release()
-        raise RuntimeError("no free lane although a permit was granted")
+        taken = (
+            self._take(lambda slot: slot.avoid_until <= now and slot.usable() is not None)
+            or self._take_acknowledging(min(ACK_WAIT_S, max(0.0, timeout_s)))
+            or self._take(lambda slot: slot.avoid_until <= now)
+            or self._take(lambda slot: True)
+        )
+        if taken is None:
+            self._free.release()
+            raise RuntimeError("no free lane although a permit was granted")
+        return taken
+
+    def _take(self, eligible: Callable[[PairSlot], bool]) -> tuple[int, PairSlot] | None:
+        for lane, slot in enumerate(self.slots):
+            if eligible(slot) and slot.lock.acquire(blocking=False):
+                return lane, slot
+        return None
+
+    def _take_acknowledging(self, wait_s: float) -> tuple[int, PairSlot] | None:
+        for lane, slot in enumerate(self.slots):
+            if slot.acknowledging and slot.usable() is not None and slot.lock.acquire(timeout=wait_s):
+                return lane, slot
+        return None
 
     def release(self, slot: PairSlot) -> None:
         slot.lock.release()

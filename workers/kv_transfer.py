@@ -14,8 +14,8 @@ Lifecycle of one transfer (either side):
    the state is ``BOOTSTRAPPING`` while the two sides find each other.
 2. ``TRANSFERRING`` once the data path is up; rows move layer by layer.
 3. ``SUCCESS`` (the receiver has written and, if asked, verified every row, and reports it before it
-   sends its acknowledgement; the sender has the acknowledgement) or ``FAILED`` with ``error`` saying why (peer gone, timed out waiting for X,
-   checksum mismatch in layer L, cancelled).
+   sends its acknowledgement; the sender has the acknowledgement) or ``FAILED`` with ``error`` saying
+   why (peer gone, timed out waiting for X, checksum mismatch in layer L, cancelled).
 
 The owner calls ``poll()`` from its loop: it never blocks, it only reads the state (and turns a
 transfer whose thread overran its deadline into ``FAILED``). A thread blocks in ``wait()``; an event
