@@ -24,7 +24,7 @@ import datetime
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -158,9 +158,9 @@ class LaneSets:
         _check_lanes(count)
         self.count = count
         self._lock = threading.Lock()
-        self._lanes: dict[tuple[str, ...], PairLanes] = {}
+        self._lanes: dict[Hashable, PairLanes] = {}
 
-    def get(self, key: tuple[str, ...]) -> PairLanes:
+    def get(self, key: Hashable) -> PairLanes:
         with self._lock:
             lanes = self._lanes.get(key)
             if lanes is None:
@@ -204,8 +204,9 @@ def connect_pair_group(
 ) -> PointToPointBackend:
     """Join the 2-rank group ``prefix`` as ``rank`` (blocks until the peer joins or ``timeout_s``)."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    if isinstance(store, dist.TCPStore):
-        store.set_timeout(timeout)  # gloo's rendezvous waits on the store with the store's timeout
+    store.set_timeout(
+        timeout
+    )  # gloo's rendezvous waits on the store with the store's timeout (a PrefixStore passes it on)
     scoped = dist.PrefixStore(_scope(prefix), store)
     if kind == "nccl":
         options = dist.ProcessGroupNCCL.Options()
