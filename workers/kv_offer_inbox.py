@@ -118,6 +118,8 @@ class OfferInbox:
                     return
             try:
                 text = store.queue_pop(OFFERS_KEY, block=True)
+            except dist.QueueEmptyError:
+                continue  # a wake-up with nothing to pop (see P2pKvReceiver._await_answer): wait again
             except RuntimeError as exc:
                 if "timeout" in str(exc).lower():
                     self._prune(time.monotonic())

@@ -84,17 +84,28 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
             self._threads.run(lambda: self._client.push(self._rendezvous, key, WAKE))
 
     def _await_answer(self, store: dist.Store, key: str, what: str) -> bytes:
-        """Pop the answer queue ``key`` (the lane's connection is this transfer's while it holds the
+        """Pop the answer queue ``key`` on the lane's answer connection (this transfer's while it holds the
         lane) in one blocking wait up to the deadline: c10d logs a warning at every pop that times out,
         so no slices. ``cancel()`` ends the wait at once by pushing ``WAKE`` onto the queue from a
         connection of its own. (When the answer and the wake-up cross, the wake-up stays in the queue
-        until the server's ``StoreSweep`` empties it: this transfer fails, so its sender hands it over.)"""
+        until the server's ``StoreSweep`` empties it: this transfer fails, so its sender hands it over.)
+
+        A wake-up may come with nothing to pop: c10d's store server keeps a connection among the waiters
+        of every queue it ever blocked on, so a late message on an earlier transfer's queue (the second
+        of a crossed answer and wake-up) ends this connection's current wait, whatever key that is on.
+        The pop then finds its own queue empty and waits again. That is also why the lane keeps this
+        connection for answers alone: the group's rendezvous, on ``slot.store``, cannot wait again."""
         with self._lock:
             self._answer_key = key
         try:
-            left = self._remaining(what)  # after the key is set: a cancel() from here on wakes the pop
-            store.set_timeout(datetime.timedelta(seconds=left))
-            text = store.queue_pop(key, block=True)
+            while True:
+                left = self._remaining(what)  # after the key is set: a cancel() from here on wakes the pop
+                store.set_timeout(datetime.timedelta(seconds=left))
+                try:
+                    text = store.queue_pop(key, block=True)
+                    break
+                except dist.QueueEmptyError:
+                    continue  # woken by another queue's late message (above): bounded by the deadline
         except TransferError:
             raise
         except RuntimeError as exc:
@@ -121,6 +132,9 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
             if slot.store is None:
                 left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
                 slot.store = self._client.connect_store(self._rendezvous, left)
+            if slot.answers is None:
+                left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
+                slot.answers = self._client.connect_store(self._rendezvous, left)
             cached = slot.usable()
             pages = paged_rows(self._sink)
             if pages is not None and pages.layout != self.layout:
@@ -138,7 +152,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
             slot.store.queue_push(OFFERS_KEY, json.dumps(offer))
             try:
                 key = answer_key(self.transfer_id)
-                answer = json.loads(self._await_answer(slot.store, key, f"waiting for sender {sid} to answer"))
+                answer = json.loads(self._await_answer(slot.answers, key, f"waiting for sender {sid} to answer"))
             except TransferError:
                 self._withdraw(slot.store)
                 raise

@@ -64,8 +64,9 @@ its checksum (in its staged copy: a sender with that fault never sends from its 
 Transfers on one lane run one after the other, in the order the receiver took them; a failure or
 cancel drops its own lane's group only. Store connections are few and long-lived: the server's
 offer reader holds one, the senders answer on the server's own store handle, and each lane holds one
-connection for its group's rendezvous and, on the receiver side, its offers and answers (a cancel's
-wake-up uses a short-lived one).
+connection for its group's rendezvous (and, on the receiver side, its offers) and, on the receiver
+side, one it waits for answers on and nothing else (``P2pKvReceiver._await_answer`` says why; a
+cancel's wake-up uses a short-lived one).
 Transfers run on threads the server and the client keep for the next one (``TransferThreads``).
 What transfers leave in the store (a failed transfer's answer queue, a replaced generation's
 rendezvous keys) the server's ``StoreSweep`` deletes once no transfer can read it (``kv_store_sweep``);
