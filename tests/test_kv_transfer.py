@@ -21,7 +21,7 @@ from kv_caches import BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, ROW_DIM, paged_cache
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_lease import KvLeaseTable
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY
-from k2serve.workers.kv_p2p_link import JOIN_GONE, JOIN_LEFT, TransferStore, join_key
+from k2serve.workers.kv_p2p_link import JOIN_GONE, JOIN_LEFT, TransferStore, join_key, new_answer_key
 from k2serve.workers.kv_pair_group import MAX_LANES, PairGroup, PairLanes, PointToPointBackend
 from k2serve.workers.kv_transfer import (
     BufferPool,
@@ -286,20 +286,22 @@ def test_p2p_a_lane_whose_transfer_failed_is_avoided_while_its_sender_may_still_
 def test_p2p_sender_rejects_an_offer_for_a_lane_out_of_range(server: P2pKvServer) -> None:
     sender = server.start_send("bad-lane", "decode-0", _Pair(num_tokens=16).source(), timeout_s=2.0)
     offer = {"transfer": "bad-lane", "receiver": "decode-0", "lane": MAX_LANES, "cached": ""}
-    offer |= {"layout": [3, 16, ROW_DIM, "bfloat16"], "checksum": False, "runs": None}
+    offer |= {"layout": [3, 16, ROW_DIM, "bfloat16"], "checksum": False, "runs": None, "answer": new_answer_key()}
     server.store.queue_push(OFFERS_KEY, json.dumps(offer))
     assert sender.wait(5.0) is TransferState.FAILED
     assert sender.error is not None and "offer.lane: expected an int in [0, 16), got 16" in sender.error
-    assert json.loads(server.store.queue_pop("kv/x/bad-lane/answer", block=False))["error"] == sender.error
+    answer = json.loads(server.store.queue_pop(offer["answer"], block=False))
+    assert answer == {"transfer": "bad-lane", "error": sender.error}
 
 
 def _offer_by_hand(server: P2pKvServer, transfer_id: str, receiver_id: str, num_tokens: int) -> str:
     """Play the receiver up to the answer of a new group: push an offer, return the answered prefix."""
     offer = {"transfer": transfer_id, "receiver": receiver_id, "lane": 0, "cached": ""}
     offer |= {"layout": [NUM_LAYERS, num_tokens, ROW_DIM, "bfloat16"], "checksum": False, "runs": None}
+    offer["answer"] = new_answer_key()
     server.store.queue_push(OFFERS_KEY, json.dumps(offer))
     own = server.connect_store(5.0)  # not the server's handle: the sender answers on that one
-    return str(json.loads(own.queue_pop(f"kv/x/{transfer_id}/answer", block=True))["prefix"])
+    return str(json.loads(own.queue_pop(offer["answer"], block=True))["prefix"])
 
 
 def _lets_go_of_lane_0(server: P2pKvServer, receiver_id: str, limit_s: float) -> bool:
@@ -361,7 +363,8 @@ def test_p2p_receiver_whose_sender_left_after_answering_does_not_enter_the_rende
         offer = json.loads(store.queue_pop(OFFERS_KEY, block=True))
         prefix = "kvpair/by-hand/l0/g1"
         store.set(join_key(prefix), JOIN_LEFT)
-        store.queue_push(f"kv/x/{offer['transfer']}/answer", json.dumps({"prefix": prefix, "seq": 0, "runs": None}))
+        answer = {"transfer": offer["transfer"], "prefix": prefix, "seq": 0, "runs": None}
+        store.queue_push(offer["answer"], json.dumps(answer))
         started = time.monotonic()
         assert receiver.wait(5.0) is TransferState.FAILED
         assert time.monotonic() - started < 2.0

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from k2serve.workers.kv_p2p_link import first_line
+from k2serve.workers.kv_p2p_link import TRIM_EVERY, first_line, forget_waiters
 
 OFFERS_KEY = "kv/offers"
 # The reader's blocking pop: close() wakes it with a message, and pruning happens as offers arrive, so it
@@ -112,11 +112,15 @@ class OfferInbox:
         except (RuntimeError, TimeoutError) as exc:
             self._stop(f"cannot read offers: {exc}")
             return
+        popped = 0
         while True:
             with self._cond:
                 if self._closed:
                     return
             try:
+                if popped >= TRIM_EVERY:  # the reader is the queue's only waiter, and not waiting now
+                    popped = 0
+                    forget_waiters(store, OFFERS_KEY)
                 text = store.queue_pop(OFFERS_KEY, block=True)
             except dist.QueueEmptyError:
                 continue  # a wake-up with nothing to pop (see P2pKvReceiver._await_answer): wait again
@@ -126,6 +130,7 @@ class OfferInbox:
                     continue
                 self._stop(f"the offer queue failed: {first_line(exc)}")
                 return
+            popped += 1
             self._file(text)
 
     def _file(self, text: bytes) -> None:

@@ -9,6 +9,7 @@ Lifecycle: ``P2pTransfer`` is one transfer (``KvTransfer``'s lifecycle); the res
 from __future__ import annotations
 
 import datetime
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -123,9 +124,31 @@ def generation_keys(prefix: str, kind: str) -> tuple[str, ...]:
     return (join_key(prefix), *library_keys(prefix, kind))
 
 
-def answer_key(transfer_id: str) -> str:
-    """The store queue the sender answers a receiver's offer on."""
-    return f"kv/x/{transfer_id}/answer"
+ANSWER_PREFIX = "kv/a/"
+_ANSWER_KEY = re.compile(r"kv/a/[0-9a-f]{16}")
+TRIM_EVERY = 1024  # pops of one queue between two forget_waiters of it
+
+
+def new_answer_key() -> str:
+    """A receiver lane's own answer queue: its sender answers every offer from that lane there."""
+    return ANSWER_PREFIX + secrets.token_hex(8)
+
+
+def is_answer_key(value: object) -> bool:
+    return isinstance(value, str) and _ANSWER_KEY.fullmatch(value) is not None
+
+
+def forget_waiters(store: dist.Store, queue: str) -> None:
+    """Let c10d's store server drop its list of the connections that ever waited on ``queue``.
+
+    The server appends a connection to a queue's waiter list at every blocking pop that has to wait
+    and never removes it (it wakes one by counting down), so a long-lived queue's list grows by one
+    entry per wait, and a push that finds no one waiting walks all of it. Setting a plain key of the
+    same name wakes and drops that whole list; the key is deleted at once. Call it only on a
+    connection that is not waiting, for a queue no one else waits on (a waiter would be woken with
+    nothing to pop, which the pops here survive)."""
+    store.set(queue, "")
+    store.delete_key(queue)
 
 
 def runs_json(runs: kv_segments.Runs | None) -> list[int] | None:

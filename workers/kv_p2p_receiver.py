@@ -13,7 +13,7 @@ import datetime
 import json
 import time
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,14 +24,16 @@ from k2serve.workers.kv_p2p_link import (
     ACK_CHECKSUM,
     ACK_OK,
     STAGED_AHEAD,
+    TRIM_EVERY,
     P2pTransfer,
     Tags,
     TransferRejected,
     TransferStore,
-    answer_key,
     first_line,
+    forget_waiters,
     header_values,
     layout_json,
+    new_answer_key,
     recv_from,
     runs_json,
     send_to,
@@ -44,8 +46,6 @@ from k2serve.workers.kv_transfer import KvReceiver, KvSink, TransferError, Trans
 
 if TYPE_CHECKING:
     from k2serve.workers.kv_transport_p2p import P2pKvClient
-
-WAKE = b'{"wake": true}'  # what cancel() pushes onto the answer queue to end the thread's wait
 
 
 class P2pKvReceiver(P2pTransfer, KvReceiver):
@@ -66,6 +66,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         self._fence = ReceiveFence(backend_kind(sink.device), peer_rank=0)
         self._threads = client.threads
         self._answer_key: str | None = None  # while the thread waits for the answer (guarded by _lock)
+        self._wake = json.dumps({"wake": transfer_id}).encode()  # what cancel() pushes to end that wait
         self._slot: PairSlot | None = None  # the lane this transfer holds
 
     def poll(self) -> TransferState:
@@ -81,20 +82,23 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         with self._lock:
             key = self._answer_key
         if key is not None:  # the thread is (or is about to be) blocked on the answer: wake it
-            self._threads.run(lambda: self._client.push(self._rendezvous, key, WAKE))
+            self._threads.run(lambda: self._client.push(self._rendezvous, key, self._wake))
 
-    def _await_answer(self, store: dist.Store, key: str, what: str) -> bytes:
-        """Pop the answer queue ``key`` on the lane's answer connection (this transfer's while it holds the
-        lane) in one blocking wait up to the deadline: c10d logs a warning at every pop that times out,
-        so no slices. ``cancel()`` ends the wait at once by pushing ``WAKE`` onto the queue from a
-        connection of its own. (When the answer and the wake-up cross, the wake-up stays in the queue
-        until the server's ``StoreSweep`` empties it: this transfer fails, so its sender hands it over.)
+    def _await_answer(self, slot: PairSlot, what: str) -> dict[str, Any]:
+        """This transfer's answer, popped from the lane's answer queue on the lane's answer connection
+        (both this transfer's while it holds the lane) in blocking waits up to the deadline: c10d logs a
+        warning at every pop that times out, so no slices. ``cancel()`` ends the wait at once by pushing
+        this transfer's wake-up onto the queue from a connection of its own.
 
-        A wake-up may come with nothing to pop: c10d's store server keeps a connection among the waiters
-        of every queue it ever blocked on, so a late message on an earlier transfer's queue (the second
-        of a crossed answer and wake-up) ends this connection's current wait, whatever key that is on.
-        The pop then finds its own queue empty and waits again. That is also why the lane keeps this
+        The queue is the lane's, not the transfer's: c10d's store server never forgets a queue (about
+        800 bytes each), so a queue per transfer grew the prefill rank by that much per transfer. What an
+        earlier transfer of the lane left there (an answer that came after its receiver gave up, a
+        wake-up that crossed its answer) is popped and dropped here: every message names its transfer.
+        The server also keeps every connection that ever waited on a queue among its waiters, and may
+        wake it with nothing to pop: the pop then waits again. That is why the lane keeps this
         connection for answers alone: the group's rendezvous, on ``slot.store``, cannot wait again."""
+        store, key = slot.answers, slot.answer_key
+        assert store is not None
         with self._lock:
             self._answer_key = key
         try:
@@ -103,9 +107,14 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
                 store.set_timeout(datetime.timedelta(seconds=left))
                 try:
                     text = store.queue_pop(key, block=True)
-                    break
                 except dist.QueueEmptyError:
-                    continue  # woken by another queue's late message (above): bounded by the deadline
+                    continue  # a wake-up with nothing to pop (above): bounded by the deadline
+                slot.answers_popped += 1
+                message = _message(text)
+                if message.get("wake") == self.transfer_id:
+                    raise TransferError(self.error or "cancelled")
+                if message.get("transfer") == self.transfer_id:
+                    break
         except TransferError:
             raise
         except RuntimeError as exc:
@@ -114,9 +123,10 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         finally:
             with self._lock:
                 self._answer_key = None
-        if text == WAKE:
-            raise TransferError(self.error or "cancelled")
-        return text
+        if slot.answers_popped >= TRIM_EVERY:
+            slot.answers_popped = 0
+            forget_waiters(store, key)  # not waiting now, and the lane's only waiter
+        return message
 
     def _run(self) -> None:
         sid = self._sender_id
@@ -135,6 +145,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
             if slot.answers is None:
                 left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
                 slot.answers = self._client.connect_store(self._rendezvous, left)
+                slot.answer_key = new_answer_key()
             cached = slot.usable()
             pages = paged_rows(self._sink)
             if pages is not None and pages.layout != self.layout:
@@ -148,11 +159,11 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
                 "layout": layout_json(self.layout),
                 "checksum": self._checksum,
                 "runs": runs_json(ours),
+                "answer": slot.answer_key,
             }
             slot.store.queue_push(OFFERS_KEY, json.dumps(offer))
             try:
-                key = answer_key(self.transfer_id)
-                answer = json.loads(self._await_answer(slot.answers, key, f"waiting for sender {sid} to answer"))
+                answer = self._await_answer(slot, f"waiting for sender {sid} to answer")
             except TransferError:
                 self._withdraw(slot.store)
                 raise
@@ -282,3 +293,12 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
     def _wait_receive(self, work: dist.Work, what: str) -> None:
         self._wait(work, what)
         self._fence.done(work)
+
+
+def _message(text: bytes) -> dict[str, Any]:
+    """A message of the answer queue, or {} for one that is not JSON of an object (never this transfer's)."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return {}
+    return message if isinstance(message, dict) else {}

@@ -21,16 +21,16 @@ from k2serve.workers.kv_p2p_link import (
     ACK_CHECKSUM,
     ACK_FAILED,
     ACK_OK,
-    PUSH_TIMEOUT_S,
+    ANSWER_PREFIX,
     SLICE_S,
     STAGED_AHEAD,
     P2pTransfer,
     Tags,
     TransferRejected,
-    answer_key,
     first_line,
     generation_keys,
     header_values,
+    is_answer_key,
     layout_from_json,
     recv_from,
     runs_json,
@@ -45,7 +45,6 @@ from k2serve.workers.kv_transfer import (
     KvSource,
     SendFault,
     TransferError,
-    TransferState,
     raw_bytes,
 )
 
@@ -53,9 +52,6 @@ if TYPE_CHECKING:
     from k2serve.workers.kv_transport_p2p import P2pKvServer
 
 logger = logging.getLogger(__name__)
-# A failed transfer's answer queue is swept this many timeouts (plus a wake-up push's bound) after the
-# sender ended: by then its receiver has given up and a cancel's wake-up has landed or failed.
-ANSWER_GRACE_TIMEOUTS = 2
 
 
 class P2pKvSender(P2pTransfer, KvSender):
@@ -73,27 +69,21 @@ class P2pKvSender(P2pTransfer, KvSender):
         self._server, self._receiver_id, self._source, self._checksum = server, receiver_id, source, checksum
         self._fault = fault
         self._threads = server.threads
-        self._answered = False  # an answer (or a rejection) is on the store for the receiver
 
     def _main(self) -> None:
         super()._main()  # the state is reported: what follows delays no one
         try:
-            sweep = self._server.sweep
-            if self._answered and self.poll() is not TransferState.SUCCESS:
-                # the receiver may never pop it, or a cancel's wake-up crossed it (kv_store_sweep)
-                grace_s = ANSWER_GRACE_TIMEOUTS * self.timeout_s + PUSH_TIMEOUT_S
-                sweep.later([answer_key(self.transfer_id)], grace_s, queues=True)
-            sweep.run_due()
+            self._server.sweep.run_due()
         except Exception:  # never into the transport's thread
             logger.exception("transfer %s: sweeping the transfer store failed", self.transfer_id)
 
     def _run(self) -> None:
         self._fault.wait(self)
         server, rid = self._server, self._receiver_id
-        key = answer_key(self.transfer_id)
         kind = backend_kind(self._source.device)
         offer_text = self._await_offer(f"waiting for receiver {rid} to join the transfer")
         offer, theirs, problem = self._read_offer(offer_text)
+        key = str(offer.get("answer"))  # the receiver lane's answer queue, checked by _read_offer
         pages: PagedRows | None = None
         if problem is None:
             try:  # a source that fails before the answer fails both sides at once and keeps the group
@@ -102,8 +92,8 @@ class P2pKvSender(P2pTransfer, KvSender):
             except Exception as exc:
                 problem = str(exc) if isinstance(exc, TransferError) else f"the source failed: {first_line(exc)}"
         if problem is not None:
-            server.store.queue_push(key, json.dumps({"error": problem}))
-            self._answered = True
+            if is_answer_key(key):  # else the offer was not a receiver's: no one to tell
+                server.store.queue_push(key, json.dumps({"transfer": self.transfer_id, "error": problem}))
             raise TransferRejected(problem)
         ours = kv_segments.advertised(pages.runs) if pages is not None else None
         plan = kv_segments.plan(ours, theirs, self.layout.num_tokens, self.layout.row_nbytes)
@@ -126,9 +116,8 @@ class P2pKvSender(P2pTransfer, KvSender):
             assert group is not None
             seq = group.next_seq
             group.next_seq += 1
-            answer = {"prefix": group.prefix, "seq": seq, "runs": runs_json(ours)}
+            answer = {"transfer": self.transfer_id, "prefix": group.prefix, "seq": seq, "runs": runs_json(ours)}
             server.store.queue_push(key, json.dumps(answer))
-            self._answered = True
             self._group = group
             if fresh:
                 if slot.store is None:
@@ -159,9 +148,14 @@ class P2pKvSender(P2pTransfer, KvSender):
                 raise TransferError(self.error or "cancelled")
 
     def _read_offer(self, text: bytes) -> tuple[dict[str, Any], kv_segments.Runs | None, str | None]:
-        """(offer, the receiver's runs, the problem that rejects it or None)."""
+        """(offer, the receiver's runs, the problem that rejects it or None). A bad offer comes back as
+        parsed (or {}), so that its problem goes to the answer queue it names, if it names one."""
+        offer: dict[str, Any] = {}
         try:
-            offer = json.loads(text)
+            parsed = json.loads(text)
+            if not isinstance(parsed, dict):
+                raise TypeError(f"offer: expected a JSON object, got {type(parsed).__name__}")
+            offer = parsed
             if offer.get("receiver") != self._receiver_id:
                 return (
                     offer,
@@ -183,9 +177,13 @@ class P2pKvSender(P2pTransfer, KvSender):
             lane = offer.get("lane")
             if type(lane) is not int or not 0 <= lane < MAX_LANES:
                 raise ValueError(f"offer.lane: expected an int in [0, {MAX_LANES}), got {lane!r}")
+            if not is_answer_key(offer.get("answer")):
+                raise ValueError(
+                    f"offer.answer: expected {ANSWER_PREFIX} and 16 hex digits, got {offer.get('answer')!r}"
+                )
             return offer, kv_segments.parse_runs(offer.get("runs"), self.layout.num_tokens, "offer.runs"), None
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-            return {}, None, f"bad offer from {self._receiver_id}: {first_line(exc)}"
+            return offer, None, f"bad offer from {self._receiver_id}: {first_line(exc)}"
 
     def _await_ready(self, layer: int) -> None:
         """``source.ready(layer)`` in slices, so cancel() and the deadline hold while a prefill runs."""

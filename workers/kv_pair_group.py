@@ -72,6 +72,8 @@ class PairSlot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     store: dist.Store | None = None  # this pair's own store connection (group rendezvous, receiver offers)
     answers: dist.Store | None = None  # receiver side: the connection it waits for answers on, and only that
+    answer_key: str = ""  # receiver side: the lane's answer queue (with ``answers``)
+    answers_popped: int = 0  # receiver side: messages popped there since its waiters were last forgotten
     group: PairGroup | None = None
     generation: int = 0
     avoid_until: float = 0.0  # receiver side: a failed transfer's sender may hold this lane until then

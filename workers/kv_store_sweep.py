@@ -1,20 +1,17 @@
 """``StoreSweep``: deletes the keys of the prefill rank's transfer store that no transfer reads any
 more, once their grace has passed (p2p KV transfer, see ``kv_transport_p2p``).
 
-Why: the store lives as long as the rank, and without a sweep it keeps what transfers leave behind:
-- a failed transfer's answer queue, when the receiver never popped the answer (it gave up first)
-  or when a cancel's wake-up crossed the answer (the receiver popped the answer, the wake-up stays);
-- every replaced pair-group generation's rendezvous keys: its join key and the keys the library's
-  rendezvous wrote (``kv_pair_group.library_keys``).
-A rank whose clients often leave mid-handoff would otherwise grow its store by a few keys each time.
+Why: the store lives as long as the rank, and without a sweep it keeps every replaced pair-group
+generation's rendezvous keys: its join key and the keys the library's rendezvous wrote
+(``kv_pair_group.library_keys``). A rank whose clients often leave mid-handoff would otherwise grow
+its store by a few keys each time. (Queues need no sweep: c10d cannot delete one, so the transport
+uses one answer queue per receiver lane, whose next transfer drops what an earlier one left.)
 
 Lifecycle: one per ``P2pKvServer``, over the server's own store handle. A sender hands it keys
-(``later``): when it starts a new generation, the previous one's (grace: the transfer timeout; no
-transfer can still be in that rendezvous, both sides hold the lane); when it ends FAILED after it
-answered, its answer queue (grace: twice the timeout plus a wake-up push's bound, after which no
-receiver waits on it and no wake-up is on its way). The next sender to end deletes what is due
-(``run_due``), on its own thread once its state is reported. Keys whose sender is the last one
-stay until another transfer ends; the live generations' keys stay while their groups serve.
+(``later``) when it starts a new generation: the previous one's (grace: the transfer timeout; no
+transfer can still be in that rendezvous, both sides hold the lane). The next sender to end deletes
+what is due (``run_due``), on its own thread once its state is reported. Keys whose sender is the
+last one stay until another transfer ends; the live generations' keys stay while their groups serve.
 """
 
 from __future__ import annotations
@@ -29,12 +26,12 @@ import torch.distributed as dist
 
 
 class StoreSweep:
-    """Keys and queues to delete, each once its grace has passed (see the module)."""
+    """Keys to delete, each once its grace has passed (see the module)."""
 
     def __init__(self, store: dist.Store, clock: Callable[[], float] = time.monotonic) -> None:
         self._store, self._clock = store, clock
         self._lock = threading.Lock()
-        self._due: list[tuple[float, int, str, bool]] = []  # heap of (due, order, key, is a queue)
+        self._due: list[tuple[float, int, str]] = []  # heap of (due, order, key)
         self._order = itertools.count()
 
     @property
@@ -43,39 +40,25 @@ class StoreSweep:
         with self._lock:
             return len(self._due)
 
-    def later(self, keys: Iterable[str], grace_s: float, *, queues: bool = False) -> None:
-        """Delete ``keys`` after ``grace_s``. ``queues``: they are store queues (``queue_push``), which
-        the store keeps apart from its keys: ``delete_key`` does not reach them, popping them empty does."""
+    def later(self, keys: Iterable[str], grace_s: float) -> None:
+        """Delete ``keys`` after ``grace_s``."""
         due = self._clock() + max(0.0, grace_s)
         with self._lock:
             for key in keys:
-                heapq.heappush(self._due, (due, next(self._order), key, queues))
+                heapq.heappush(self._due, (due, next(self._order), key))
 
     def run_due(self, now: float | None = None) -> int:
-        """Delete every key and empty every queue whose grace has passed (by ``now``, default the
-        clock); the number of keys and queued messages the store still had. A store that is gone
-        deletes nothing and keeps nothing waiting."""
+        """Delete every key whose grace has passed (by ``now``, default the clock); the number of them
+        the store still had. A store that is gone deletes nothing and keeps nothing waiting."""
         at = self._clock() if now is None else now
         with self._lock:
             due = []
             while self._due and self._due[0][0] <= at:
-                due.append(heapq.heappop(self._due)[2:])
+                due.append(heapq.heappop(self._due)[2])
         deleted = 0
         try:
-            for key, queue in due:
-                deleted += _empty(self._store, key) if queue else bool(self._store.delete_key(key))
+            for key in due:
+                deleted += bool(self._store.delete_key(key))
         except RuntimeError:  # the store is gone: nothing is left to delete
             pass
         return deleted
-
-
-def _empty(store: dist.Store, key: str) -> int:
-    """Pop the queue ``key`` empty without waiting; the number of messages it held."""
-    popped = 0
-    for _ in range(store.queue_len(key)):  # bounded: nobody pushes onto a swept queue any more
-        try:
-            store.queue_pop(key, block=False)
-        except dist.QueueEmptyError:
-            break
-        popped += 1
-    return popped

@@ -19,14 +19,17 @@ each has ``timeout_s`` to meet the other:
 1. Receiver: takes a lane (its lock: one transfer at a time per lane), then pushes an offer onto the
    server's one offer queue ``kv/offers`` (``kv_offer_inbox``: one thread of the server reads it and
    hands each offer to its sender): the transfer id, its worker id, the lane, the lane's cached group
-   prefix (or ""), its layout, checksum setting and runs (``kv_segments``: the token counts of its
-   stretches of consecutive blocks, or null when it can only stage). A receiver that gives up
-   withdraws its offer. It waits for the answer in one blocking pop; ``cancel()`` wakes it by
-   pushing a wake-up onto the answer queue (``P2pKvClient.push``).
+   prefix (or ""), its layout, checksum setting, runs (``kv_segments``: the token counts of its
+   stretches of consecutive blocks, or null when it can only stage) and the lane's own answer queue
+   (``kv/a/<16 hex digits>``, random per lane). A receiver that gives up withdraws its offer. It
+   waits for the answer in blocking pops, dropping what earlier transfers of the lane left there
+   (every message names its transfer); ``cancel()`` wakes it by pushing a wake-up that names it
+   onto that queue (``P2pKvClient.push``). One queue per lane, not per transfer: c10d's store server
+   never forgets a queue, about 800 bytes each.
 2. Sender: takes that offer from the inbox and checks it against its own layout. It waits until its
    source knows its blocks (``ready(-1)``), then takes the lane's lock. It reuses its cached group if
-   the receiver has the same one, otherwise starts generation g+1. It answers on the queue
-   ``kv/x/<transfer_id>/answer``: the prefix, the transfer's sequence number on that group and its own
+   the receiver has the same one, otherwise starts generation g+1. It answers on the queue the offer
+   names: the transfer id and the prefix, the transfer's sequence number on that group and its own
    runs, or an error (a bad offer, a source that failed early), which fails both sides and keeps the
    group. Both sides compute the same plan from the two run lists (``kv_segments.plan``): which side
    moves rows straight from or into its pages, and the segments each layer is cut into.
@@ -68,9 +71,11 @@ connection for its group's rendezvous (and, on the receiver side, its offers) an
 side, one it waits for answers on and nothing else (``P2pKvReceiver._await_answer`` says why; a
 cancel's wake-up uses a short-lived one).
 Transfers run on threads the server and the client keep for the next one (``TransferThreads``).
-What transfers leave in the store (a failed transfer's answer queue, a replaced generation's
-rendezvous keys) the server's ``StoreSweep`` deletes once no transfer can read it (``kv_store_sweep``);
-each lane's newest generation keeps its few keys.
+What transfers leave in the store (a replaced generation's rendezvous keys) the server's
+``StoreSweep`` deletes once no transfer can read it (``kv_store_sweep``); each lane's newest
+generation keeps its few keys, each receiver lane its answer queue. The offer reader and each
+receiver lane also let the store server forget, every ``TRIM_EVERY`` pops, the waiter list it keeps
+per queue (``kv_p2p_link.forget_waiters``).
 
 Here: ``P2pKvServer`` and ``P2pKvClient``; the two sides of a transfer are ``kv_p2p_sender`` and
 ``kv_p2p_receiver``, what they share ``kv_p2p_link``.
