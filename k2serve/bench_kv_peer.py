@@ -3,8 +3,7 @@ receives what the driver (``bench_kv_transfer``, the prefill side) sends, by the
 names.
 
 Lifecycle: started by the driver with the rendezvous of its ``P2pKvServer``, the address of its
-``PullKv`` server and the raw baseline's store; reads the key of that store's namespace (``{"key": ...}``)
-as the first line of stdin, then one JSON command per line (``raw_join``,
+``PullKv`` server and the raw baseline's store; reads one JSON command per line on stdin (``raw_join``,
 ``case``, ``p2p`` / ``p2p-nocopy`` / ``grpc`` with the transfer ids, ``push`` with the transfer ids
 (starts the receivers and answers once each has met its sender) then ``settle`` (waits for them),
 ``floor`` with each request's first tag and whether it offers, ``raw`` with a tag, ``crc``, ``quit``)
@@ -32,7 +31,8 @@ from k2serve.bench_kv_case import (
 )
 from k2serve.workers.kv_transfer import CacheKvSink, KvReceiver, KvSink, TransferState
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver
-from k2serve.workers.kv_transport_p2p import P2pKvClient, PointToPointBackend, TransferStore, connect_pair_group
+from k2serve.workers.kv_transport_p2p import P2pKvClient, PointToPointBackend, connect_pair_group
+from k2serve.workers.parallel import Rendezvous
 
 
 def run_peer(args: argparse.Namespace) -> int:
@@ -45,7 +45,6 @@ def run_peer(args: argparse.Namespace) -> int:
     raw_buffer = torch.empty(0, dtype=torch.uint8)
     scratch = torch.empty(0)
     store: Any = None  # keeps the baseline group's store connection open
-    at = TransferStore.parse(args.rendezvous, json.loads(sys.stdin.readline())["key"])  # kept off the command line
     pushed: list[KvReceiver] = []  # started by "push", waited for by "settle"
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -54,7 +53,7 @@ def run_peer(args: argparse.Namespace) -> int:
         if op == "quit":
             break
         if op == "raw_join":
-            store = client.connect_store(at, args.timeout)
+            store = client.connect_store(Rendezvous.parse(args.rendezvous), args.timeout)
             raw = connect_pair_group(store, cmd["prefix"], 1, "gloo", HOST, args.timeout)
         elif op == "case":
             case = Case(**cmd["case"])
@@ -71,7 +70,7 @@ def run_peer(args: argparse.Namespace) -> int:
                     ReadyRows(case.layout) if op == "p2p-nocopy" else CacheKvSink(cache, ids, case.num_tokens)
                 )
                 if op != "grpc":
-                    receivers.append(client.start_receive(tid, SENDER, at, sink))
+                    receivers.append(client.start_receive(tid, SENDER, args.rendezvous, sink))
                 else:
                     receivers.append(GrpcKvReceiver(args.grpc, tid, sink, args.timeout))
             failed = [r.error for r in receivers if r.wait() is not TransferState.SUCCESS]
@@ -79,7 +78,7 @@ def run_peer(args: argparse.Namespace) -> int:
         elif op == "push":  # start the receivers; answer once they met their senders (rows come on "settle")
             assert case is not None
             pushed = [
-                client.start_receive(tid, SENDER, at, CacheKvSink(cache, ids, case.num_tokens))
+                client.start_receive(tid, SENDER, args.rendezvous, CacheKvSink(cache, ids, case.num_tokens))
                 for tid, ids in zip(cmd["ids"], blocks, strict=True)
             ]
             try:

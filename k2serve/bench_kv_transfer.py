@@ -365,14 +365,13 @@ def run_bench_kv_transfer(args: argparse.Namespace) -> int:
     grpc_server.start()
     peer = _Peer(
         [
-            *("--rendezvous", str(server.rendezvous), "--grpc", f"{HOST}:{grpc_port}"),
+            *("--rendezvous", server.rendezvous, "--grpc", f"{HOST}:{grpc_port}"),
             *("--timeout", str(args.timeout), "--threads", str(args.threads)),
         ],
         args.timeout,
     )
     results: list[Result] = []
     try:
-        peer.send(key=server.rendezvous.key)  # the peer reads it first
         peer.send(op="raw_join", prefix="bench/raw")
         raw = connect_pair_group(server.connect_store(args.timeout), "bench/raw", 0, "gloo", HOST, args.timeout)
         peer.reply()

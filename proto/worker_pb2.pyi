@@ -107,7 +107,7 @@ class TokenDelta(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("lease_id", "prefill_worker_id", "prefill_address", "transfer_rendezvous", "transport", "num_tokens", "num_layers", "row_dim", "dtype", "lease_expires_unix_ms", "checksum", "lease_ttl_s", "pushed_to", "transfer_key")
+    __slots__ = ("lease_id", "prefill_worker_id", "prefill_address", "transfer_rendezvous", "transport", "num_tokens", "num_layers", "row_dim", "dtype", "lease_expires_unix_ms", "checksum", "lease_ttl_s", "pushed_to")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -121,7 +121,6 @@ class KvHandle(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     PUSHED_TO_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_KEY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     prefill_worker_id: str
     prefill_address: str
@@ -135,8 +134,7 @@ class KvHandle(_message.Message):
     checksum: bool
     lease_ttl_s: float
     pushed_to: str
-    transfer_key: str
-    def __init__(self, lease_id: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., prefill_address: _Optional[str] = ..., transfer_rendezvous: _Optional[str] = ..., transport: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., row_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., checksum: _Optional[bool] = ..., lease_ttl_s: _Optional[float] = ..., pushed_to: _Optional[str] = ..., transfer_key: _Optional[str] = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., prefill_address: _Optional[str] = ..., transfer_rendezvous: _Optional[str] = ..., transport: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., row_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., checksum: _Optional[bool] = ..., lease_ttl_s: _Optional[float] = ..., pushed_to: _Optional[str] = ...) -> None: ...
 
 class KvTarget(_message.Message):
     __slots__ = ("worker_id", "address")

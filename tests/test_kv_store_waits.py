@@ -18,10 +18,10 @@ from kv_caches import paged_cache
 
 from k2serve.workers import kv_offer_inbox, kv_p2p_receiver
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY
-from k2serve.workers.kv_p2p_link import TransferStore, is_answer_key
+from k2serve.workers.kv_p2p_link import is_answer_key
 from k2serve.workers.kv_transfer import CacheKvSink, CacheKvSource, TransferState
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
-from k2serve.workers.parallel import Rendezvous, host_store
+from k2serve.workers.parallel import host_store
 
 SENDER = "prefill-0"
 
@@ -59,9 +59,8 @@ def test_the_store_server_wakes_a_connection_for_a_queue_it_waited_on_before() -
 
 
 def test_a_lanes_next_transfer_drops_what_an_earlier_one_left_on_its_answer_queue() -> None:
-    listener = host_store("127.0.0.1", timeout_s=5.0)
-    at = TransferStore.new(Rendezvous("127.0.0.1", listener.port))
-    store = at.scoped(listener)
+    store = host_store("127.0.0.1", timeout_s=5.0)
+    at = f"127.0.0.1:{store.port}"
     client = P2pKvClient("decode-9", timeout_s=5.0, lanes=1)  # one lane: both transfers on its queue
     try:
         first = client.start_receive("t1", SENDER, at, _sink())

@@ -21,7 +21,7 @@ from kv_caches import BLOCK_SIZE, NUM_BLOCKS, NUM_LAYERS, ROW_DIM, paged_cache
 from k2serve.proto import worker_pb2, worker_pb2_grpc
 from k2serve.workers.kv_lease import KvLeaseTable
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY
-from k2serve.workers.kv_p2p_link import JOIN_GONE, JOIN_LEFT, TransferStore, join_key, new_answer_key
+from k2serve.workers.kv_p2p_link import JOIN_GONE, JOIN_LEFT, join_key, new_answer_key
 from k2serve.workers.kv_pair_group import MAX_LANES, PairGroup, PairLanes, PointToPointBackend
 from k2serve.workers.kv_transfer import (
     BufferPool,
@@ -36,7 +36,7 @@ from k2serve.workers.kv_transfer import (
 )
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
-from k2serve.workers.parallel import Rendezvous, host_store
+from k2serve.workers.parallel import host_store
 
 SENDER = "prefill-0"
 
@@ -354,12 +354,10 @@ def test_p2p_sender_cancelled_while_its_receiver_has_not_joined_lets_go_of_its_l
 def test_p2p_receiver_whose_sender_left_after_answering_does_not_enter_the_rendezvous() -> None:
     """The sender's side played by hand: it answers a new group, then leaves ("left") before the real
     receiver claims the join key; the receiver fails at once instead of waiting for it until its deadline."""
-    listener = host_store("127.0.0.1", timeout_s=5.0)
-    at = TransferStore.new(Rendezvous("127.0.0.1", listener.port))
-    store = at.scoped(listener)
+    store = host_store("127.0.0.1", timeout_s=5.0)
     client = P2pKvClient("decode-5", timeout_s=30.0)
     try:
-        receiver = client.start_receive("abandoned", SENDER, at, _Pair(num_tokens=16).sink())
+        receiver = client.start_receive("abandoned", SENDER, f"127.0.0.1:{store.port}", _Pair(num_tokens=16).sink())
         offer = json.loads(store.queue_pop(OFFERS_KEY, block=True))
         prefix = "kvpair/by-hand/l0/g1"
         store.set(join_key(prefix), JOIN_LEFT)
@@ -444,7 +442,7 @@ def test_buffer_pool_reuses_buffers_and_keeps_at_most_its_limit() -> None:
 _DYING_RECEIVER = """
 import sys, time, torch
 from k2serve.workers.kv_transfer import CacheKvSink
-from k2serve.workers.kv_transport_p2p import P2pKvClient, TransferStore
+from k2serve.workers.kv_transport_p2p import P2pKvClient
 
 class StallingSink(CacheKvSink):
     @property
@@ -457,8 +455,7 @@ class StallingSink(CacheKvSink):
             time.sleep(60)
         super().write(layer, first_token, rows)
 
-rendezvous = TransferStore.parse(sys.argv[1], sys.stdin.readline().strip())
-num_tokens, blocks = int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
+rendezvous, num_tokens, blocks = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
 cache = [torch.zeros(NUM_BLOCKS, BLOCK_SIZE, ROW_DIM, dtype=torch.bfloat16) for _ in range(NUM_LAYERS)]
 receiver = P2pKvClient("decode-1", timeout_s=30).start_receive(
     "dies", "prefill-0", rendezvous, StallingSink(cache, blocks, num_tokens)
@@ -484,10 +481,7 @@ def test_p2p_sender_whose_receiver_dies_mid_transfer_fails_and_a_new_pair_works(
     pair = _Pair(num_tokens=600, seed=50)
     blocks = ",".join(str(b) for b in pair.dst_blocks)
     args = [sys.executable, "-c", _DYING_RECEIVER, str(server.rendezvous), "600", blocks]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdin is not None
-    proc.stdin.write(server.rendezvous.key + "\n")  # as a KvHandle would carry it, not on the command line
-    proc.stdin.close()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         sender = server.start_send("dies", "decode-1", pair.source(), timeout_s=20.0)
         assert _read_line(proc, 15.0) == "stalled"  # the receiver is inside layer 1, layer 2 on its way

@@ -51,7 +51,7 @@ from k2serve.workers.kv_push_receiver import PushReceiver
 from k2serve.workers.kv_transfer import CacheKvSink, KvReceiver, TransferState
 from k2serve.workers.kv_transfer_metrics import KvTransferMetrics
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver
-from k2serve.workers.kv_transport_p2p import P2pKvClient, TransferStore
+from k2serve.workers.kv_transport_p2p import P2pKvClient
 from k2serve.workers.lease_heartbeat import LeaseHeartbeat, LeaseLostError
 from k2serve.workers.rpc_status import StatusError
 from k2serve.workers.sampling_params import SamplingParams
@@ -313,8 +313,9 @@ class DecodeHandoff:
         await stub.StartKvSend(
             worker_pb2.StartKvSendRequest(lease_id=handle.lease_id, receiver_id=self.worker_id), timeout=10.0
         )
-        store = TransferStore.parse(handle.transfer_rendezvous, handle.transfer_key)
-        return client.start_receive(handle.lease_id, handle.prefill_worker_id, store, sink, handle.checksum)
+        return client.start_receive(
+            handle.lease_id, handle.prefill_worker_id, handle.transfer_rendezvous, sink, handle.checksum
+        )
 
     async def _cancel_reservation(self, request_id: str) -> None:
         try:

@@ -13,7 +13,6 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +23,6 @@ from k2serve.workers.kv_pair_group import PairGroup, PairSlot, PointToPointBacke
 from k2serve.workers.kv_receive_fence import SCRATCH_TAG
 from k2serve.workers.kv_segments import Plan
 from k2serve.workers.kv_transfer import DTYPE_CODES, KvLayout, KvTransfer, TransferError, dtype_from_name
-from k2serve.workers.parallel import Rendezvous
 from k2serve.workers.transfer_threads import TransferThreads
 
 ACK_OK, ACK_CHECKSUM, ACK_FAILED = 0, 1, 2  # the acknowledgement's status
@@ -38,52 +36,6 @@ _NCCL_POLL_S = 0.0001
 # layer while direct (pages need no buffer, and on two cores the fewer Python wake-ups while bytes
 # flow the better).
 STAGED_AHEAD = 2
-
-
-KEY_BYTES = 16  # a transfer store's key: 128 random bits, as 32 hex digits
-_KEY_LENGTHS = range(16, 129)
-
-
-@dataclass(frozen=True)
-class TransferStore:
-    """Where a prefill rank's transfer store listens, and the key of its namespace there.
-
-    Every key and queue a transfer uses lives under ``kv/<key>/`` (a ``PrefixStore``). The key is a
-    secret of the store's server: it reaches a decode rank only inside a ``KvHandle``, over the
-    cluster's authenticated gRPC calls, and a ``TCPStore`` cannot list its keys. So a process that
-    reaches the port but has no handle cannot offer, answer, or join a pair group; it cannot take
-    another tenant's KV rows. ``str()`` gives the address alone, for logs.
-    """
-
-    address: Rendezvous
-    key: str = field(repr=False)
-
-    def __post_init__(self) -> None:
-        if len(self.key) not in _KEY_LENGTHS or not self.key.isascii() or not self.key.isalnum():
-            raise ValueError(
-                f"kv.transfer_key: expected {_KEY_LENGTHS.start} to {_KEY_LENGTHS.stop - 1} ASCII letters or digits "
-                f"(the prefill rank's transfer-store key), got {len(self.key)} characters"
-            )
-
-    @classmethod
-    def new(cls, address: Rendezvous) -> TransferStore:
-        return cls(address, secrets.token_hex(KEY_BYTES))
-
-    @classmethod
-    def parse(cls, rendezvous: str, key: str) -> TransferStore:
-        """From a ``KvHandle``'s ``transfer_rendezvous`` and ``transfer_key`` (ValueError naming the field)."""
-        try:
-            address = Rendezvous.parse(rendezvous)
-        except ValueError as exc:
-            raise ValueError(f"kv.transfer_{exc}") from None
-        return cls(address, key)
-
-    def scoped(self, store: dist.Store) -> dist.Store:
-        """``store`` (a connection to this address) seen inside the namespace."""
-        return dist.PrefixStore(f"kv/{self.key}", store)
-
-    def __str__(self) -> str:
-        return str(self.address)
 
 
 class TransferRejected(TransferError):

@@ -28,7 +28,6 @@ from k2serve.workers.kv_p2p_link import (
     P2pTransfer,
     Tags,
     TransferRejected,
-    TransferStore,
     first_line,
     forget_waiters,
     header_values,
@@ -43,6 +42,7 @@ from k2serve.workers.kv_pair_group import PairGroup, PairSlot, backend_kind
 from k2serve.workers.kv_receive_fence import FenceClosed, ReceiveFence
 from k2serve.workers.kv_segments import Plan
 from k2serve.workers.kv_transfer import KvReceiver, KvSink, TransferError, TransferState, WireTap, raw_bytes
+from k2serve.workers.parallel import Rendezvous
 
 if TYPE_CHECKING:
     from k2serve.workers.kv_transport_p2p import P2pKvClient
@@ -54,7 +54,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         client: P2pKvClient,
         transfer_id: str,
         sender_id: str,
-        rendezvous: TransferStore,
+        rendezvous: Rendezvous,
         sink: KvSink,
         checksum: bool,
         timeout_s: float,

@@ -24,7 +24,7 @@ import datetime
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -161,9 +161,9 @@ class LaneSets:
         _check_lanes(count)
         self.count = count
         self._lock = threading.Lock()
-        self._lanes: dict[Hashable, PairLanes] = {}
+        self._lanes: dict[tuple[str, ...], PairLanes] = {}
 
-    def get(self, key: Hashable) -> PairLanes:
+    def get(self, key: tuple[str, ...]) -> PairLanes:
         with self._lock:
             lanes = self._lanes.get(key)
             if lanes is None:
@@ -207,9 +207,8 @@ def connect_pair_group(
 ) -> PointToPointBackend:
     """Join the 2-rank group ``prefix`` as ``rank`` (blocks until the peer joins or ``timeout_s``)."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store.set_timeout(
-        timeout
-    )  # gloo's rendezvous waits on the store with the store's timeout (a PrefixStore passes it on)
+    if isinstance(store, dist.TCPStore):
+        store.set_timeout(timeout)  # gloo's rendezvous waits on the store with the store's timeout
     scoped = dist.PrefixStore(_scope(prefix), store)
     if kind == "nccl":
         options = dist.ProcessGroupNCCL.Options()

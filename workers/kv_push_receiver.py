@@ -37,7 +37,7 @@ from k2serve.workers.kv_pages import CacheKvSink
 from k2serve.workers.kv_push import push_transfer_id
 from k2serve.workers.kv_transfer import KvReceiver, TransferState
 from k2serve.workers.kv_transfer_metrics import KvTransferMetrics
-from k2serve.workers.kv_transport_p2p import P2pKvClient, TransferStore
+from k2serve.workers.kv_transport_p2p import P2pKvClient
 
 logger = logging.getLogger(__name__)
 ABORTED_KEEP_S = 120.0  # an aborted request id refuses a late push this long
@@ -136,7 +136,7 @@ class PushReceiver:
         receiver = client.start_receive(
             push_transfer_id(handle.lease_id),
             handle.prefill_worker_id,
-            TransferStore.parse(handle.transfer_rendezvous, handle.transfer_key),
+            handle.transfer_rendezvous,
             sink,
             handle.checksum,
             timeout_s=self.transfer_timeout_s,

@@ -1,10 +1,7 @@
 """The default KV transport: torch.distributed point-to-point between the prefill rank and the decode rank.
 
 Who owns what: the prefill rank runs one ``P2pKvServer``. It hosts a ``TCPStore`` on its configured
-interface (port chosen by the OS; the address goes into ``KvHandle.transfer_rendezvous``), and every
-key below lives in that store under the namespace of a random key of the server's own
-(``TransferStore``; ``KvHandle.transfer_key``): without the handle, a client that reaches the port
-reaches no sender and no group. The
+interface (port chosen by the OS; the address goes into ``KvHandle.transfer_rendezvous``). The
 decode rank runs one ``P2pKvClient``. Each (sender, receiver) pair has up to ``lanes`` (the client's
 setting, default 4) lanes, so that that many transfers between them run at once; a lane is a 2-rank
 pair group (rank 0 = sender, rank 1 = receiver) built from that store under its own prefix
@@ -90,7 +87,7 @@ import secrets
 import torch.distributed as dist
 
 from k2serve.workers.kv_offer_inbox import OFFERS_KEY, OfferInbox
-from k2serve.workers.kv_p2p_link import PUSH_TIMEOUT_S, TransferRejected, TransferStore, first_line
+from k2serve.workers.kv_p2p_link import PUSH_TIMEOUT_S, TransferRejected, first_line
 from k2serve.workers.kv_p2p_receiver import P2pKvReceiver
 from k2serve.workers.kv_p2p_sender import P2pKvSender
 from k2serve.workers.kv_pair_group import (
@@ -128,7 +125,6 @@ __all__ = [
     "P2pKvServer",
     "PointToPointBackend",
     "TransferRejected",
-    "TransferStore",
     "connect_pair_group",
 ]
 
@@ -137,17 +133,15 @@ class P2pKvServer:
     """The prefill rank's side: hosts the transfer store and starts senders.
 
     The store listens on ``host`` only (an interface address; every interface only if the caller names
-    0.0.0.0), on a port the OS picks unless ``port`` is given; ``rendezvous`` (that address and the
-    namespace key) goes into the ``KvHandle``. ``store`` is the server's handle inside the namespace.
+    0.0.0.0), on a port the OS picks unless ``port`` is given; ``rendezvous`` ("host:port") goes into
+    the ``KvHandle``.
     """
 
     def __init__(self, worker_id: str, host: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, port: int = 0) -> None:
         self.worker_id = worker_id
         self.host = host
         self.timeout_s = timeout_s
-        self._listener = host_store(host, port=port, timeout_s=timeout_s)  # the server of the store
-        self.rendezvous = TransferStore.new(Rendezvous(host, self._listener.port))  # for the KvHandle
-        self.store = self.rendezvous.scoped(self._listener)  # every key this server's transfers use
+        self.store = host_store(host, port=port, timeout_s=timeout_s)
         self.buffers = BufferPool()  # the layers being sent
         self.threads = TransferThreads(f"kv-send-{worker_id}")
         self.offers = OfferInbox(
@@ -160,17 +154,19 @@ class P2pKvServer:
         self._nonce = secrets.token_hex(4)  # a restarted server never reuses a prefix a client has cached
         self._lanes = LaneSets(MAX_LANES)  # every lane a receiver may name
 
+    @property
+    def rendezvous(self) -> str:
+        return str(Rendezvous(self.host, self.store.port))
+
     def slot(self, receiver_id: str, kind: str, lane: int = 0) -> PairSlot:
         return self._lanes.get((receiver_id, kind)).slots[lane]
 
     def pair_prefix(self, receiver_id: str, kind: str, lane: int, generation: int) -> str:
         return f"kvpair/{self._nonce}/{self.worker_id}/{receiver_id}/{kind}/l{lane}/g{generation}"
 
-    def connect_store(self, timeout_s: float) -> dist.Store:
-        """A further connection to this server's own store, in its namespace (one per pair: a group's
-        rendezvous blocks it)."""
-        timeout = datetime.timedelta(seconds=timeout_s)
-        return self.rendezvous.scoped(dist.TCPStore(self.host, self._listener.port, is_master=False, timeout=timeout))
+    def connect_store(self, timeout_s: float) -> dist.TCPStore:
+        """A further connection to this server's own store (one per pair: a group's rendezvous blocks it)."""
+        return dist.TCPStore(self.host, self.store.port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
     def start_send(
         self,
@@ -217,22 +213,21 @@ class P2pKvClient:
         self.threads = TransferThreads(f"kv-recv-{worker_id}")
         self._lanes = LaneSets(lanes)
 
-    def lanes(self, rendezvous: TransferStore, sender_id: str, kind: str) -> PairLanes:
-        return self._lanes.get((rendezvous, sender_id, kind))
+    def lanes(self, rendezvous: Rendezvous | str, sender_id: str, kind: str) -> PairLanes:
+        return self._lanes.get((str(rendezvous), sender_id, kind))
 
-    def interface_host(self, rendezvous: TransferStore) -> str:
-        return self._interface_host or route_to(rendezvous.address.host)
+    def interface_host(self, rendezvous: Rendezvous) -> str:
+        return self._interface_host or route_to(rendezvous.host)
 
-    def connect_store(self, rendezvous: TransferStore, timeout_s: float) -> dist.Store:
-        """A connection to the prefill rank's transfer store, in the namespace of ``rendezvous.key``."""
-        where = rendezvous.address
+    def connect_store(self, rendezvous: Rendezvous, timeout_s: float) -> dist.TCPStore:
         try:
-            timeout = datetime.timedelta(seconds=timeout_s)
-            return rendezvous.scoped(dist.TCPStore(where.host, where.port, is_master=False, timeout=timeout))
+            return dist.TCPStore(
+                rendezvous.host, rendezvous.port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+            )
         except (RuntimeError, TimeoutError) as exc:
-            raise TransferError(f"cannot reach the transfer store at {where}: {first_line(exc)}") from exc
+            raise TransferError(f"cannot reach the transfer store at {rendezvous}: {first_line(exc)}") from exc
 
-    def push(self, rendezvous: TransferStore, key: str, message: bytes) -> None:
+    def push(self, rendezvous: Rendezvous, key: str, message: bytes) -> None:
         """Push ``message`` onto the store queue ``key`` over a connection of its own (a lane's connection
         may be blocked in a pop), best effort: an unreachable store is logged and ignored."""
         try:
@@ -244,18 +239,19 @@ class P2pKvClient:
         self,
         transfer_id: str,
         sender_id: str,
-        rendezvous: TransferStore,
+        rendezvous: Rendezvous | str,
         sink: KvSink,
         checksum: bool = False,
         *,
         timeout_s: float | None = None,
         on_wire: WireTap | None = None,
     ) -> KvReceiver:
-        """Receive into ``sink`` what ``sender_id`` (whose server's store is ``rendezvous``) sends.
+        """Receive into ``sink`` what ``sender_id`` (whose server listens at ``rendezvous``) sends.
         ``on_wire`` sees every received message's rows (a layer, or a segment of one) before they are
         checked; on a direct receive they are already in the sink's pages."""
+        where = Rendezvous.parse(rendezvous) if isinstance(rendezvous, str) else rendezvous
         receiver = P2pKvReceiver(
-            self, transfer_id, sender_id, rendezvous, sink, checksum, timeout_s or self.timeout_s, on_wire
+            self, transfer_id, sender_id, where, sink, checksum, timeout_s or self.timeout_s, on_wire
         )
         receiver.start()
         return receiver

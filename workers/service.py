@@ -59,7 +59,7 @@ from k2serve.workers.engine_loop import EngineLoop
 from k2serve.workers.fault_plan import FaultInjector
 from k2serve.workers.group_rank import GroupRank
 from k2serve.workers.kv_lease import KvLeaseTable
-from k2serve.workers.kv_transport_p2p import P2pKvClient, TransferStore
+from k2serve.workers.kv_transport_p2p import P2pKvClient
 from k2serve.workers.metrics_endpoint import MetricsEndpoint
 from k2serve.workers.prefill_handoff import PrefillHandoff, cache_layout
 from k2serve.workers.rpc_status import StatusError, status_codes
@@ -260,7 +260,7 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             handle = request.kv
             if not request.request_id or not handle.lease_id or not handle.transfer_rendezvous:
                 raise ValueError("request_id, kv.lease_id and kv.transfer_rendezvous are required")
-            self._check_kv(handle)
+            self._check_layout(handle)
             if request.max_tokens < 0:
                 raise ValueError(f"max_tokens: must be >= 0 (0 = up to the context limit), got {request.max_tokens}")
             return await self.handoff.pushes.accept(request.request_id, handle, request.max_tokens)
@@ -338,13 +338,9 @@ class WorkerServer(worker_pb2_grpc.WorkerServicer):
             raise ValueError("kv: a KvHandle from Prefill is required")
         if handle.num_tokens != len(request.prompt_token_ids):
             raise ValueError(f"kv.num_tokens: {handle.num_tokens} for a prompt of {len(request.prompt_token_ids)}")
-        self._check_kv(handle)
+        self._check_layout(handle)
 
-    def _check_kv(self, handle: worker_pb2.KvHandle) -> None:
-        """The handle's layout against this rank's cache and, for p2p, its transfer store (ValueError naming
-        the field)."""
-        if handle.transport == "p2p":
-            TransferStore.parse(handle.transfer_rendezvous, handle.transfer_key)
+    def _check_layout(self, handle: worker_pb2.KvHandle) -> None:
         if handle.num_tokens < 1:
             raise ValueError(f"kv.num_tokens: must be >= 1, got {handle.num_tokens}")
         expected = cache_layout(self.engine, handle.num_tokens)
