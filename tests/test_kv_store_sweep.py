@@ -16,6 +16,7 @@ from k2serve.workers.kv_pair_group import DEFAULT_LANES
 from k2serve.workers.kv_store_sweep import StoreSweep
 from k2serve.workers.kv_transfer import CacheKvSink, CacheKvSource, TransferState
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
+from k2serve.workers.transfer_threads import TransferThreads
 
 
 def _store() -> dist.TCPStore:
@@ -68,6 +69,7 @@ def test_cancelled_transfers_leave_only_each_lanes_answer_queue_and_newest_group
         ok = server.start_send("after", "decode-0", CacheKvSource(src, [0, 1, 2, 3], 64))
         back = client.start_receive("after", "prefill-0", server.rendezvous, CacheKvSink(dst, [0, 1, 2, 3], 64))
         assert [ok.wait(5.0), back.wait(5.0)] == [TransferState.SUCCESS] * 2
+        _await_idle(server.threads, client.threads)  # a cancelled side's thread may still be leaving its group
         server.sweep.run_due(now=float("inf"))  # as a transfer ending after every grace would
         lanes = client.lanes(server.rendezvous, "prefill-0", "gloo").slots
         queues = {slot.answer_key for slot in lanes if slot.answer_key}
@@ -77,3 +79,11 @@ def test_cancelled_transfers_leave_only_each_lanes_answer_queue_and_newest_group
     finally:
         client.close()
         server.close()
+
+
+def _await_idle(*pools: TransferThreads, limit_s: float = 10.0) -> None:
+    """Until every thread of ``pools`` waits for its next transfer (bounded)."""
+    deadline = time.monotonic() + limit_s
+    while any(pool.idle_threads < pool.threads_started for pool in pools):
+        assert time.monotonic() < deadline, "transfer threads still busy"
+        time.sleep(0.01)
