@@ -73,7 +73,7 @@ def test_cancelled_transfers_leave_only_each_lanes_answer_queue_and_newest_group
         server.sweep.run_due(now=float("inf"))  # as a transfer ending after every grace would
         lanes = client.lanes(server.rendezvous, "prefill-0", "gloo").slots
         queues = {slot.answer_key for slot in lanes if slot.answer_key}
-        assert 1 <= len(queues) <= DEFAULT_LANES  # 17 transfers were answered on the lanes' own queues
+        assert 1 <= len(queues) <= DEFAULT_LANES  # the lanes' own queues (test_kv_store_waits: a lane reuses its)
         # what stays: each lane's newest generation (its join key or the library's two rendezvous keys)
         assert server.store.num_keys() <= 3 * DEFAULT_LANES, server.store.num_keys()
     finally:

@@ -91,7 +91,7 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         this transfer's wake-up onto the queue from a connection of its own.
 
         The queue is the lane's, not the transfer's: c10d's store server never forgets a queue (about
-        800 bytes each), so a queue per transfer grew the prefill rank by that much per transfer. What an
+        830 bytes each), so a queue per transfer grew the prefill rank by that much per transfer. What an
         earlier transfer of the lane left there (an answer that came after its receiver gave up, a
         wake-up that crossed its answer) is popped and dropped here: every message names its transfer.
         The server also keeps every connection that ever waited on a queue among its waiters, and may
@@ -142,12 +142,11 @@ class P2pKvReceiver(P2pTransfer, KvReceiver):
         self._slot = slot
         finished = False
         try:
+            reaching = f"reaching the transfer store at {self._rendezvous}"
             if slot.store is None:
-                left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
-                slot.store = self._client.connect_store(self._rendezvous, left)
+                slot.store = self._client.connect_store(self._rendezvous, self._remaining(reaching))
             if slot.answers is None:
-                left = self._remaining(f"reaching the transfer store at {self._rendezvous}")
-                slot.answers = self._client.connect_store(self._rendezvous, left)
+                slot.answers = self._client.connect_store(self._rendezvous, self._remaining(reaching))
                 slot.answer_key = new_answer_key()
             cached = slot.usable()
             pages = paged_rows(self._sink)

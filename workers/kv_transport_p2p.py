@@ -22,7 +22,7 @@ each has ``timeout_s`` to meet the other:
    waits for the answer in blocking pops, dropping what earlier transfers of the lane left there
    (every message names its transfer); ``cancel()`` wakes it by pushing a wake-up that names it
    onto that queue (``P2pKvClient.push``). One queue per lane, not per transfer: c10d's store server
-   never forgets a queue, about 800 bytes each.
+   never forgets a queue, about 830 bytes each.
 2. Sender: takes that offer from the inbox and checks it against its own layout. It waits until its
    source knows its blocks (``ready(-1)``), then takes the lane's lock. It reuses its cached group if
    the receiver has the same one, otherwise starts generation g+1. It answers on the queue the offer
