@@ -3,7 +3,10 @@
 Lifecycle: ``add_plan_parser`` registers the command; ``run_plan`` builds one ``PlanRequest`` from
 the flags (a hardware preset with optional custom figures, a model preset or a checkpoint folder's
 config.json, the workload and SLOs, an optional calibration file), prints the best layouts (or
-JSON), and with ``--validate`` compares the model with published deployments.
+JSON), and with ``--validate`` compares the model with published deployments. ``--helm-values`` and
+``--cluster-config`` write one layout (``--layout``, the best by default) as the chart's values or a
+cluster YAML (``planner.deployment``), searching only the EP sizes the runtime runs; the cluster
+YAML is read back with ``ClusterConfig`` before it is written.
 """
 
 from __future__ import annotations
@@ -11,13 +14,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from k2serve.cluster.planner.calibration import load_calibration
+from k2serve.cluster.planner.deployment import (
+    DEFAULT_BLOCK_SIZE,
+    DeployOptions,
+    cluster_config,
+    header,
+    helm_values,
+    pick,
+    runnable_ep_sizes,
+    to_yaml,
+)
 from k2serve.cluster.planner.hardware import GB, TB, TFLOP, Efficiency, hardware_preset
 from k2serve.cluster.planner.model_spec import MODEL_PRESETS, ModelSpec, from_model_config, model_preset
 from k2serve.cluster.planner.plan_report import plan_json, render_plan, render_validation
-from k2serve.cluster.planner.planner import DEFAULT_EP_SIZES, PlanRequest, Shape, Workload, plan
+from k2serve.cluster.planner.planner import DEFAULT_EP_SIZES, PlanRequest, PlanResult, Shape, Workload, plan
 from k2serve.cluster.planner.published import PUBLISHED, compare
 
 
@@ -56,6 +70,15 @@ def add_plan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--top", type=int, default=5, help="layouts to print")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--validate", action="store_true", help="compare the model with published deployments")
+    deploy = p.add_argument_group("deploy a layout (docs/PLANNING.md)")
+    deploy.add_argument("--helm-values", default=None, metavar="FILE", help="write the layout as Helm values")
+    deploy.add_argument("--cluster-config", default=None, metavar="FILE", help="write the layout as a cluster YAML")
+    deploy.add_argument("--layout", type=int, default=1, help="which printed layout to write (default 1, the best)")
+    deploy.add_argument("--model-path", default=None, help="the cluster YAML's model folder (default --model-dir)")
+    deploy.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block")
+    deploy.add_argument("--max-model-len", type=int, default=None, help="default: the model's context, capped by KV")
+    deploy.add_argument("--min-groups", type=int, default=1, help="the autoscaler's floor per pool (default 1)")
+    deploy.add_argument("--no-autoscaler", action="store_true", help="fixed pools: leave the autoscaler off")
     p.set_defaults(func=run_plan)
 
 
@@ -86,11 +109,17 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.overlap is not None:
         eff = dataclasses.replace(eff, overlap=args.overlap)
     shapes: tuple[Shape, ...] = ("disaggregated", "colocated") if args.shape == "both" else (args.shape,)
+    deploying = bool(args.helm_values or args.cluster_config)
+    ep_sizes, left_out = runnable_ep_sizes(model, tuple(args.ep)) if deploying else (tuple(args.ep), ())
+    if not ep_sizes:
+        raise ValueError(f"ep: none of {args.ep} divides the model's {model.num_experts} routed experts")
+    if args.helm_values and args.shape == "both":
+        shapes = ("disaggregated",)  # the chart runs a prefill and a decode pool
     workload = Workload(
         args.prompt_len, args.output_len, args.cached_fraction, args.ttft_slo, args.itl_slo, args.target_utilization
     )
     request = PlanRequest(
-        model, hw, args.gpus, workload, eff, tuple(args.ep), args.redundant_experts, shapes, not args.bf16_dispatch
+        model, hw, args.gpus, workload, eff, ep_sizes, args.redundant_experts, shapes, not args.bf16_dispatch
     )
     result = plan(request)
     comparisons = [c for d in PUBLISHED for c in compare(d, eff)] if args.validate else []
@@ -104,4 +133,30 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.validate:
             print()
             print(render_validation(comparisons))
+    if deploying:  # after the plan, whose "not feasible" lines explain a plan with no layout
+        _write_deployment(args, result, left_out)
     return 0 if result.layouts else 1
+
+
+def _write_deployment(args: argparse.Namespace, result: PlanResult, left_out: tuple[int, ...]) -> None:
+    """Write the chosen layout as the files asked for; every check runs before the first file is written."""
+    from k2serve.cluster.config import ClusterConfig
+
+    layout = pick(result, args.layout)
+    opts = DeployOptions(args.block_size, args.max_model_len, args.min_groups, not args.no_autoscaler)
+    comments = header(layout, result.request, args.layout)
+    if left_out:
+        comments.append(f"EP sizes left out (k2serve gives every rank the same routed experts): {list(left_out)}")
+    files: list[tuple[str, str]] = []
+    if args.helm_values:
+        files.append((args.helm_values, to_yaml(helm_values(layout, result.request, opts), comments)))
+    if args.cluster_config:
+        model_path = args.model_path or args.model_dir
+        if not model_path:
+            raise ValueError("cluster-config: name the model folder the cluster loads (--model-path or --model-dir)")
+        doc = cluster_config(layout, result.request, model_path, opts)
+        ClusterConfig.from_dict(doc)  # ClusterConfigError (a ValueError) names the key
+        files.append((args.cluster_config, to_yaml(doc, comments)))
+    for path, text in files:
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path} (layout #{args.layout}, {layout.shape})", file=sys.stderr)

@@ -40,6 +40,7 @@ def test_the_real_config_json_gives_the_same_spec_as_the_preset() -> None:
     assert spec.total_params == K2.total_params
     assert spec.expert_bytes == K2.expert_bytes
     assert spec.kv_bytes_per_token == K2.kv_bytes_per_token
+    assert spec.max_context == K2.max_context == raw["max_position_embeddings"]
 
 
 @pytest.mark.parametrize(

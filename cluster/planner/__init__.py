@@ -7,6 +7,7 @@
 - ``calibration``: efficiencies from measured figures.
 - ``published``: published deployments and the planner's prediction of each.
 - ``plan_report``: text and JSON views.
+- ``deployment``: one layout as the chart's values or a cluster YAML.
 
 Pure arithmetic: no Ray, no torch; ``k2serve plan`` is the entry point.
 """

@@ -44,6 +44,7 @@ class ModelSpec:
     dense_bytes_per_param: float = BF16  # attention, dense MLP, shared experts
     kv_bytes_per_value: float = BF16  # the latent cache (bf16; 1 for raw fp8)
     weights_fp8: bool = False  # the linear layers run as FP8 GEMMs (FP8 checkpoints)
+    max_context: int = 262_144  # max_position_embeddings: the longest request the model serves
 
     # ---- parameters ---------------------------------------------------------------------------------
 
@@ -189,7 +190,14 @@ _K2 = {
     "first_k_dense": 1,
     "vocab_size": 163840,
 }
-_DEEPSEEK_V3 = {**_K2, "num_heads": 128, "num_experts": 256, "first_k_dense": 3, "vocab_size": 129280}
+_DEEPSEEK_V3 = {
+    **_K2,
+    "num_heads": 128,
+    "num_experts": 256,
+    "first_k_dense": 3,
+    "vocab_size": 129280,
+    "max_context": 163_840,
+}
 
 # config.json of each (public copies; performance.md "Method"): K2 differs from DeepSeek-V3 in heads
 # (64 vs 128), experts (384 vs 256), dense layers (1 vs 3) and vocabulary.
@@ -241,4 +249,5 @@ def from_model_config(config: ModelConfig, name: str = "checkpoint") -> ModelSpe
         first_k_dense=config.first_k_dense_replace,
         vocab_size=config.vocab_size,
         expert_bytes_per_param=INT4_G32 if quantized else BF16,
+        max_context=config.max_position_embeddings,
     )
