@@ -27,7 +27,6 @@ from k2serve.workers.kv_transfer import (
     BufferPool,
     CacheKvSink,
     CacheKvSource,
-    InProcessTransport,
     KvLayout,
     KvTransfer,
     SendFault,
@@ -35,6 +34,7 @@ from k2serve.workers.kv_transfer import (
     slot_mapping,
 )
 from k2serve.workers.kv_transport_grpc import GrpcKvReceiver, kv_chunks
+from k2serve.workers.kv_transport_inproc import InProcessTransport
 from k2serve.workers.kv_transport_p2p import P2pKvClient, P2pKvServer
 from k2serve.workers.parallel import host_store
 

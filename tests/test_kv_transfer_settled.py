@@ -14,12 +14,12 @@ from kv_caches import paged_cache
 from k2serve.workers.kv_transfer import (
     CacheKvSink,
     CacheKvSource,
-    InProcessTransport,
     KvLayout,
     KvTransfer,
     TransferError,
     TransferState,
 )
+from k2serve.workers.kv_transport_inproc import InProcessTransport
 
 NUM_TOKENS = 40
 BLOCKS = [3, 1, 4]
