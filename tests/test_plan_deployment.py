@@ -144,6 +144,7 @@ def test_only_ep_sizes_the_runtime_runs_are_planned_for_deployment(tmp_path: Pat
         (["--layout", "9"], "layout: must be in [1, "),
         (["--max-model-len", "99999999"], "max_model_len: 99999999 tokens do not fit one"),
         (["--block-size", "0"], "block_size: must be >= 1"),
+        (["--min-groups", "0"], "min_groups: must be >= 1"),
     ],
 )
 def test_bad_deployment_flags_are_clear_errors_and_write_nothing(

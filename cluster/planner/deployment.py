@@ -41,8 +41,8 @@ class DeployOptions:
             raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
-        if self.min_groups < 0:
-            raise ValueError(f"min_groups: must be >= 0, got {self.min_groups}")
+        if self.min_groups < 1:  # the autoscaler keeps at least one group per pool
+            raise ValueError(f"min_groups: must be >= 1, got {self.min_groups}")
 
 
 @dataclass(frozen=True)
