@@ -25,7 +25,7 @@ from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.planner.deployment import DeployOptions, gpus_per_pod, helm_values, runnable_ep_sizes
 from k2serve.cluster.planner.hardware import hardware_preset
 from k2serve.cluster.planner.model_spec import model_preset
-from k2serve.cluster.planner.planner import Layout, PlanRequest, PlanResult, plan
+from k2serve.cluster.planner.planner import PlanRequest, PlanResult, Workload, plan
 
 K2 = model_preset("kimi-k2-thinking")
 GPU = "nvidia.com/gpu"
@@ -55,16 +55,6 @@ def k2_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def check_pools(layout: Layout, pools: dict[str, Any], block_size: int, key: dict[str, str]) -> None:
-    assert set(pools) == {p.role for p in layout.pools}
-    for p in layout.pools:
-        got = pools[p.role]
-        assert (got[key["groups"]], got[key["ep"]]) == (p.groups, p.ep_size)
-        assert got[key["blocks"]] == p.kv_tokens_per_gpu // block_size
-        assert got[key["len"]] == min(K2.max_context, got[key["blocks"]] * block_size)
-        assert got[key["redundant"]] == p.redundant_experts
-
-
 @pytest.mark.parametrize(("hardware", "gpus", "ep", "number"), CASES)
 def test_helm_values_render_to_the_planned_gpus_and_a_cluster_yaml_that_loads(
     hardware: str, gpus: int, ep: tuple[int, ...], number: int, tmp_path: Path
@@ -73,8 +63,12 @@ def test_helm_values_render_to_the_planned_gpus_and_a_cluster_yaml_that_loads(
     assert main(plan_args(hardware, gpus, ep, "--layout", str(number), "--helm-values", str(out))) == 0
     values = yaml.safe_load(out.read_text())
     layout = planned(hardware, gpus, ep).layouts[number - 1]
-    keys = {"groups": "groups", "ep": "epSize", "blocks": "kvCacheBlocks", "len": "maxModelLen", "redundant": "redundantExperts"}  # fmt: skip
-    check_pools(layout, {name: values[name]["pool"] for name in ("prefill", "decode")}, 64, keys)
+    assert {"prefill", "decode"} == {p.role for p in layout.pools} <= set(values)
+    for p in layout.pools:
+        got = values[p.role]["pool"]
+        assert (got["groups"], got["epSize"], got["redundantExperts"]) == (p.groups, p.ep_size, p.redundant_experts)
+        assert got["kvCacheBlocks"] == p.kv_tokens_per_gpu // 64  # the default block size
+        assert got["maxModelLen"] == min(K2.max_context, got["kvCacheBlocks"] * 64)
 
     merged = deep_merge(case_values("production"), values)
     chart().validate_schema(merged)
@@ -97,8 +91,13 @@ def test_helm_values_render_to_the_planned_gpus_and_a_cluster_yaml_that_loads(
     decode = next(p for p in layout.pools if p.role == "decode")
     assert decode.decode is not None
     assert auto.enabled and auto.pools["decode"].max_seqs == decode.decode.batch * decode.ep_size
-    assert auto.ttft_slo_s == 2.0 and auto.itl_slo_s == 0.05  # the plan's default SLOs
-    assert auto.scale_down_utilization < auto.target_utilization == 0.7
+    w = Workload()  # the plan's default SLOs and load
+    assert (auto.ttft_slo_s, auto.itl_slo_s, auto.target_utilization) == (
+        w.ttft_slo_s,
+        w.itl_slo_s,
+        w.target_utilization,
+    )
+    assert auto.scale_down_utilization < auto.target_utilization
 
 
 @pytest.mark.parametrize("shape", ["disaggregated", "colocated"])
